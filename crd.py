@@ -1,0 +1,828 @@
+"""CRD: Centered Reward Distillation for text-to-image flow models, in one file.
+
+Paper: Zhu, Wang, Lathuiliere, Kalogeiton, "Diffusion Reinforcement Learning via Centered Reward Distillation",
+arXiv:2603.14128. Details follow the first author's Flow-Factory port (X-GenGroup/Flow-Factory PR #121) and
+DiffusionNFT (NVlabs/DiffusionNFT), as reconstructed in CRD_SPEC.md; `# Eq. (n)` tags refer to that page.
+This is a reference to read and copy, not a library.
+
+The idea: for each prompt c the KL-regularised optimum is p* = p_old exp(r/beta) / Z(c), so
+beta log p*/p_old = r - beta log Z(c). Z(c) is unknown but the same for every sample of c: centring both sides
+within the prompt's group of K samples removes it exactly. CRD regresses the centred implicit reward (an ELBO
+difference between the trained and a slow reference model, computed on clean samples only) onto the centred
+external reward.
+
+Algorithm 1 (each step tagged `# Alg. 1, line k` in main()):
+  1. Sample K images for each of P prompts with the sampler snapshot (Euler ODE, no CFG); keep the clean x0.
+  2. Score them with a black-box reward r in [0, 1] and normalise within groups (Eq. 6).
+  3. For micro-batches of whole groups and T timesteps from the sampler's schedule: noise x0 (Eq. 1), get the
+     implicit reward from the theta-vs-old denoising-loss difference (Eq. 5), centre both rewards within groups and
+     regress one onto the other (Eq. 7); add a KL anchor to the CFG-guided pretrained model (Eq. 9) whose weight
+     grows with the sample's reward (Eq. 10). Accumulate gradients; a fixed number of AdamW steps per iteration.
+  4. Move the two EMA snapshots (old = implicit-reward reference, sampler = rollout policy) toward theta (Eq. 8).
+
+Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
+  1. w(t) in Eq. (5): the port's adaptive normalisation (per-sample mean |error|, detached); --no-adaptive-norm.
+  2. Centring per prompt group (the paper's statement); --centering batch gives the port's micro-batch centring.
+  3. Eq. (10) uses the normalised reward r~ of Eq. (6) (the port); --kl-reward raw uses r.
+  4. Training timesteps: T per sample per iteration, drawn without replacement from the first
+     floor(timestep_range * num_steps) steps of the sampler schedule (--train-timesteps; 9 = all, as DiffusionNFT).
+  5. Rollouts: the pipeline's own deterministic Euler sampler (FlowMatchEulerDiscreteScheduler), no DPM-Solver.
+  6. The std in Eq. (6) is the population std over all samples of the iteration (numpy's default, as NFT).
+  7. All randomness of iteration i (prompts, sampling seeds, training noise) comes from generators seeded by
+     (seed, i), so a resumed run repeats the exact same draws without storing RNG states.
+  8. CPU default: a tiny SD3 text-rendering model shipped in assets/ (tools/pretrain_tiny.py), sizes scaled down;
+     the paper's recipe is the `sd35m_ocr` preset.
+
+Launch:
+  python crd.py --reward ocr                                       # CPU, embedded tiny model, ~15 min
+  python crd.py --preset sd35m_ocr --prompts my_train_prompts.txt  # one GPU, SD3.5-M
+  python crd.py --eval [--lora runs/NAME/lora] [--eval-guidance-scale 3]   # score a model on held-out prompts
+  python crd.py --resume runs/NAME/checkpoint.pt                   # continue a run exactly
+
+Conventions: sigma = 1 is noise (SD3), x_sigma = (1 - sigma) x0 + sigma eps, velocity target u = eps - x0;
+scheduler timestep t = 1000 sigma. Shapes: P prompts per iteration, K samples per prompt (group_size),
+N = P*K samples, B a micro-batch of whole groups, (C, H, W) the latent. "mean_CHW" averages over the latent
+dimensions of each sample; losses are reduced in fp32.
+"""
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
+TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    # run
+    run_name: str = "crd-tiny-ocr"
+    """name of the output folder under output_dir"""
+    output_dir: str = "runs"
+    """where runs/<run_name>/ is written"""
+    seed: int = 0
+    """seeds every draw of the run (prompts, sampling noise, training noise)"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), or a torch device string"""
+    iterations: int = 45
+    """number of CRD iterations (Alg. 1 outer loop)"""
+    resume: str = ""
+    """checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)"""
+    # model
+    model: str = TINY_MODEL
+    """diffusers StableDiffusion3Pipeline: local directory or hub id"""
+    height: int = 32
+    """image height in pixels"""
+    width: int = 96
+    """image width in pixels"""
+    max_sequence_length: int = 2
+    """T5 tokens (the tiny model has no T5: zeros of this length)"""
+    mixed_precision: str = "no"
+    """'bf16' autocast on GPU (LoRA weights stay fp32), 'no' for fp32"""
+    lora_rank: int = 32
+    """LoRA rank r on the attention projections"""
+    lora_alpha: int = 64
+    """LoRA alpha (scale alpha / r)"""
+    lora_targets: str = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+    """comma-separated transformer module names that get LoRA (CRD_SPEC.md §7)"""
+    # sampling
+    prompts: str = os.path.join(TINY_DATA, "train.txt")
+    """training prompts, one per line (OCR target in double quotes)"""
+    prompts_per_iteration: int = 8
+    """P: prompts drawn per iteration"""
+    group_size: int = 8
+    """K: samples per prompt; centring (Eq. 7) needs K >= 2"""
+    num_steps: int = 10
+    """Euler steps of a rollout"""
+    guidance_scale: float = 1.0
+    """CFG scale of rollouts (1.0 = none, as in the paper)"""
+    # evaluation
+    eval_prompts: str = os.path.join(TINY_DATA, "heldout.txt")
+    """held-out prompts, never trained on"""
+    eval_count: int = 256
+    """held-out prompts scored per evaluation (the first ones of the file)"""
+    eval_every: int = 15
+    """evaluate every this many iterations (and before the first and after the last); 0 = only those two"""
+    eval_num_steps: int = 10
+    """Euler steps at evaluation"""
+    eval_guidance_scale: float = 1.0
+    """CFG scale at evaluation (1.0 = none)"""
+    # reward
+    reward: str = "ocr"
+    """reward name in reward.REWARDS"""
+    # CRD loss
+    beta: float = 1.0
+    """beta of Eqs. (3)-(7): KL strength toward the old model = inverse reward temperature"""
+    adaptive_norm: bool = True
+    """per-sample adaptive normalisation of the denoising errors in Eq. (5)"""
+    centering: str = "prompt"
+    """Eq. (7) centring: 'prompt' (within each group of K) or 'batch' (over the micro-batch, the port)"""
+    loss_type: str = "mse"
+    """Eq. (7) regression: 'mse' or 'bce' (BCEWithLogits(beta R^, sigmoid(R)))"""
+    train_timesteps: int = 3
+    """T: training timesteps per sample per iteration, from the sampler schedule"""
+    timestep_range: float = 0.99
+    """keep the first floor(timestep_range * num_steps) schedule steps for training (drops the near-clean tail)"""
+    # drift control
+    slow_reference: bool = True
+    """old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration"""
+    old_decay_start: float = 0.25
+    """eta_old(s) = min(start + rate s, max), Eq. (8)"""
+    old_decay_rate: float = 0.005
+    """see old_decay_start"""
+    old_decay_max: float = 0.999
+    """see old_decay_start"""
+    decoupled_sampler: bool = True
+    """rollouts from an EMA sampler snapshot with eta_samp of Eq. (8); off: rollouts from theta"""
+    sampler_decay_delay: int = 75
+    """eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)"""
+    sampler_decay_rate: float = 0.0075
+    """see sampler_decay_delay"""
+    sampler_decay_max: float = 0.999
+    """see sampler_decay_delay"""
+    kl_beta: float = 0.1
+    """strength of the KL anchor to the pretrained model, Eq. (10); 0 switches the anchor off"""
+    kl_cfg: float = 4.5
+    """CFG scale of the anchor's pretrained velocity, Eq. (9); 1.0 = anchor to the no-CFG model"""
+    adaptive_kl: bool = True
+    """reward-adaptive KL weight of Eq. (10); off: kl_beta for every sample"""
+    kl_reward: str = "normalized"
+    """reward that scales the adaptive KL weight: 'normalized' (r~ of Eq. 6) or 'raw' (r)"""
+    # optimisation
+    learning_rate: float = 1e-3
+    """AdamW learning rate (constant)"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    optimizer_steps_per_iteration: int = 2
+    """AdamW steps per iteration; gradients accumulate over the passes in between"""
+    micro_batch_size: int = 32
+    """samples per forward/backward pass; a multiple of group_size so groups stay whole"""
+    # logging / checkpoints
+    sample_every: int = 5
+    """save a captioned grid of rollouts every this many iterations"""
+    checkpoint_every: int = 5
+    """write runs/<run_name>/checkpoint.pt every this many iterations (and at the end)"""
+
+    def validate(self, world_size=1):
+        """Raise ValueError naming the field and the fix for impossible settings, before any expensive work."""
+        if self.group_size < 2:
+            raise ValueError(f"--group-size {self.group_size}: centring within a prompt needs K >= 2 samples")
+        if self.micro_batch_size % self.group_size:
+            raise ValueError(f"--micro-batch-size {self.micro_batch_size} is not a multiple of --group-size "
+                             f"{self.group_size}: micro-batches must hold whole prompt groups")
+        if self.prompts_per_iteration % world_size:
+            raise ValueError(f"--prompts-per-iteration {self.prompts_per_iteration} is not divisible by the "
+                             f"{world_size} processes")
+        samples = self.prompts_per_iteration // world_size * self.group_size
+        if samples % self.micro_batch_size:
+            raise ValueError(f"{samples} samples per process are not a whole number of micro-batches of "
+                             f"{self.micro_batch_size}; change --micro-batch-size or --prompts-per-iteration")
+        passes = samples // self.micro_batch_size * self.train_timesteps
+        if passes % self.optimizer_steps_per_iteration:
+            raise ValueError(f"{passes} forward/backward passes per iteration cannot be split into "
+                             f"{self.optimizer_steps_per_iteration} optimizer steps; change "
+                             f"--optimizer-steps-per-iteration or --train-timesteps")
+        if not 1 <= self.train_timesteps <= int(self.timestep_range * self.num_steps):
+            raise ValueError(f"--train-timesteps {self.train_timesteps} must be in [1, "
+                             f"{int(self.timestep_range * self.num_steps)}] (the kept schedule steps)")
+        for name, value, allowed in (("centering", self.centering, ("prompt", "batch")),
+                                     ("loss-type", self.loss_type, ("mse", "bce")),
+                                     ("kl-reward", self.kl_reward, ("normalized", "raw")),
+                                     ("mixed-precision", self.mixed_precision, ("no", "bf16"))):
+            if value not in allowed:
+                raise ValueError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+        if self.beta <= 0:
+            raise ValueError(f"--beta {self.beta} must be > 0")
+
+    def sizes(self, world_size=1):
+        """Derived sizes, computed in one place: (samples per process, passes per iteration, passes per step)."""
+        samples = self.prompts_per_iteration // world_size * self.group_size
+        passes = samples // self.micro_batch_size * self.train_timesteps
+        return samples, passes, passes // self.optimizer_steps_per_iteration
+
+
+def tiny_ocr():
+    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward (~15 min on 2 cores)."""
+    return Config()
+
+
+def sd35m_ocr():
+    """The paper's OCR recipe on SD3.5-M (CRD_SPEC.md §7): 512 px, K = 24, 48 prompts per iteration."""
+    return dataclasses.replace(
+        Config(), run_name="crd-sd35m-ocr", model="stabilityai/stable-diffusion-3.5-medium", height=512, width=512,
+        max_sequence_length=256, mixed_precision="bf16", prompts_per_iteration=48, group_size=24, num_steps=10,
+        eval_num_steps=40, eval_count=1018, eval_every=20, eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"),
+        train_timesteps=9, learning_rate=3e-4, micro_batch_size=24, iterations=1000, sample_every=10,
+        checkpoint_every=10)
+
+
+PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr}
+
+
+def field_docs(cls):
+    """The one-line docstring under each dataclass field, read from the source (used as --help text)."""
+    tree = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(tree, tree[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_args(argv=None):
+    """Config from the command line: --preset picks the defaults, every Config field is a --flag."""
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default="tiny_ocr", choices=sorted(PRESETS))
+    preset, _ = preset_parser.parse_known_args(argv)
+    defaults, docs = PRESETS[preset.preset](), field_docs(Config)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[preset_parser])
+    parser.add_argument("--eval", action="store_true", help="only evaluate --model (+ --lora) on --eval-prompts")
+    parser.add_argument("--lora", default="", help="with --eval: a LoRA folder saved by a run (runs/NAME/lora)")
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=docs[f.name])
+        else:
+            parser.add_argument(flag, default=value, type=type(value), help=f"{docs[f.name]} (default: {value})")
+    args = parser.parse_args(argv)
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}), args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm: pure functions, tensors in and out (tested in test_crd.py)
+# ----------------------------------------------------------------------------------------------------------------
+def interpolate(x0, eps, sigma):
+    """Forward (noising) process, Eq. (1): x_sigma = (1 - sigma) x0 + sigma eps.
+
+    x0, eps: (N, C, H, W); sigma: (N,) in [0, 1] (1 = pure noise). Returns (N, C, H, W).
+    """
+    sigma = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - sigma) * x0 + sigma * eps
+
+
+def per_sample_mean(x):
+    """mean_CHW: (N, ...) -> (N,), in fp32."""
+    return x.float().flatten(1).mean(dim=1)
+
+
+def implicit_reward(v_theta, v_old, u, adaptive_norm=True, floor=1e-5):
+    """ELBO-difference implicit reward r^ ~ log p_theta(x0|c) - log p_old(x0|c) (up to scale), Eq. (5).
+
+    v_theta, v_old: velocities of the trained and the old model on the SAME x_sigma, (N, C, H, W); u = eps - x0,
+    the velocity target (Eq. 2). With adaptive_norm each squared error is divided by its detached per-sample mean
+    absolute error (floored at `floor`). Returns (N,) fp32; exactly 0 when v_theta == v_old. Gradients flow
+    through v_theta only if v_old is detached.
+    """
+    err_theta, err_old = (v_theta.float() - u.float()), (v_old.float() - u.float())
+    if not adaptive_norm:
+        return -per_sample_mean(err_theta ** 2 - err_old ** 2)
+    w_theta = per_sample_mean(err_theta.abs()).detach().clamp_min(floor).view(-1, 1, 1, 1)
+    w_old = per_sample_mean(err_old.abs()).detach().clamp_min(floor).view(-1, 1, 1, 1)
+    return -per_sample_mean(err_theta ** 2 / w_theta - err_old ** 2 / w_old)
+
+
+def normalize_rewards(rewards, clip=5.0):
+    """Group-relative reward normalisation, Eq. (6).
+
+    rewards: (P, K), row p = the K samples of prompt p. A = (r - mean_row r) / (std_all r + 1e-6), clipped to
+    [-clip, clip]; returns r~ = clip(0.5 + A / 10, 0, 1), shape (P, K), in [0, 1]. std is the population std over
+    all P*K samples.
+    """
+    advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(correction=0) + 1e-6)
+    return (0.5 + advantages.clamp(-clip, clip) / 10).clamp(0.0, 1.0)
+
+
+def group_center(x, group_size, centering="prompt", detach_mean=False):
+    """Subtract the mean of each prompt group (x: (N,) with groups of `group_size` contiguous), Eq. (7).
+
+    centering='batch' subtracts the mean over all N instead. detach_mean=True stops the gradient through the mean
+    (the sg(.) of R^ in Eq. 7). Returns (N,).
+    """
+    groups = x.view(-1, group_size) if centering == "prompt" else x.view(1, -1)
+    mean = groups.mean(dim=1, keepdim=True)
+    return (groups - (mean.detach() if detach_mean else mean)).flatten()
+
+
+def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt", loss_type="mse"):
+    """Centered reward distillation loss, Eq. (7).
+
+    implicit_rewards r^: (N,), with gradient; rewards r~: (N,) normalised external rewards in [0, 1] (Eq. 6);
+    groups of `group_size` contiguous. R = r~ - mean_group r~, R^ = r^ - sg(mean_group r^);
+    mse: (5 / beta) mean (beta R^ - R)^2; bce: BCEWithLogits(beta R^, sigmoid(R)). Returns a scalar (fp32).
+    A constant added to the rewards (or implicit rewards) of one group does not change it.
+    """
+    target = group_center(rewards.float(), group_size, centering)
+    predicted = beta * group_center(implicit_rewards.float(), group_size, centering, detach_mean=True)
+    if loss_type == "bce":
+        return torch.nn.functional.binary_cross_entropy_with_logits(predicted, torch.sigmoid(target))
+    return (5.0 / beta) * ((predicted - target) ** 2).mean()
+
+
+def cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, guidance_scale):
+    """Velocity-space KL to the CFG-guided pretrained model, Eq. (9).
+
+    v_cfg = v_pre(empty) + g (v_pre(c) - v_pre(empty)); returns mean_CHW (v_theta - v_cfg)^2, shape (N,), fp32.
+    guidance_scale 1.0 anchors to the pretrained model without CFG.
+    """
+    v_cfg = v_pre_uncond.float() + guidance_scale * (v_pre_cond.float() - v_pre_uncond.float())
+    return per_sample_mean((v_theta.float() - v_cfg) ** 2)
+
+
+def kl_weights(rewards, kl_beta, adaptive=True, floor=1e-4):
+    """Per-sample KL weight, Eq. (10): floor + r (kl_beta - floor) if adaptive, else kl_beta.
+
+    rewards: (N,) in [0, 1]. Returns (N,): high-reward samples are held near the anchor, low-reward ones are free.
+    """
+    if not adaptive:
+        return torch.full_like(rewards, kl_beta, dtype=torch.float32)
+    return floor + rewards.float() * (kl_beta - floor)
+
+
+def ema_decay(step, start=0.0, rate=0.0, maximum=0.999, delay=0):
+    """EMA decay schedule of Eq. (8): 0 before `delay` optimizer steps, then min(start + rate (s - delay), max).
+
+    OCR: eta_old = ema_decay(s, 0.25, 0.005) and eta_samp = ema_decay(s, 0, 0.0075, delay=75).
+    """
+    return 0.0 if step < delay else min(start + rate * (step - delay), maximum)
+
+
+@torch.no_grad()
+def ema_update(target, source, decay):
+    """In place: target <- decay target + (1 - decay) source for paired tensor lists (Eq. 8); decay <= 0 copies."""
+    for t, s in zip(target, source):
+        if decay <= 0:
+            t.copy_(s)
+        else:
+            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: load the pipeline, LoRA adapters theta / old / sampler, sampling, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def load_pipeline(model, dtype=torch.float32, device="cpu"):
+    """Load a `StableDiffusion3Pipeline` from a local directory or a hub id (e.g. the embedded tiny model).
+
+    Raises FileNotFoundError if `model` looks like a local path but holds no `model_index.json`.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    looks_local = os.path.sep in model or model.startswith(".") or os.path.isdir(model)
+    if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise FileNotFoundError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
+                                f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
+    absent = {}  # components saved as [null, null] (the tiny model has no T5) must be passed as None
+    index = os.path.join(model, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            absent = {k: None for k, v in json.load(f).items() if isinstance(v, list) and v[0] is None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def encode_prompts(pipe, prompts, max_sequence_length):
+    """Text-encode prompts with the pipeline's own encoders.
+
+    Returns prompt_embeds (N, L, D) and pooled_prompt_embeds (N, D_pool), on the pipeline's device.
+    """
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, device=pipe.device,
+                                              max_sequence_length=max_sequence_length)
+    return embeds, pooled
+
+
+@torch.no_grad()
+def sample_latents(pipe, prompt_embeds, pooled_prompt_embeds, seeds, height, width, num_steps, guidance_scale,
+                   max_sequence_length):
+    """Deterministic Euler ODE sampling with the pipeline's scheduler (one generator per sample).
+
+    prompt_embeds (N, L, D), seeds: N ints. guidance_scale 1.0 = no CFG (empty-prompt negative otherwise).
+    Returns the final clean latents x0 (N, C, H/f, W/f), in the transformer's (scaled and shifted) latent space.
+    """
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, height=height, width=width,
+                num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=generators,
+                max_sequence_length=max_sequence_length, output_type="latent").images
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents, chunk_size=32):
+    """Latents (N, C, h, w) -> list of N PIL images, decoded by the VAE in chunks to bound memory."""
+    vae = pipe.vae
+    images = []
+    for chunk in latents.split(chunk_size):
+        chunk = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images += pipe.image_processor.postprocess(vae.decode(chunk).sample.float(), output_type="pil")
+    return images
+
+
+def image_grid(images, captions, columns=8, caption_height=12):
+    """Tile PIL images into one captioned grid image ("prompt | reward" under each picture)."""
+    from PIL import Image, ImageDraw
+
+    width, height = images[0].size
+    cell_width = max(width, 96)
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * cell_width, rows * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell_width, (i // columns) * (height + caption_height)
+        grid.paste(image, (x, y))
+        draw.text((x + 1, y + height), caption[: cell_width // 6], fill="black")
+    return grid
+
+
+@torch.no_grad()
+def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=1.0, max_sequence_length=2,
+             batch_size=64, seed=0, grid_size=32):
+    """Score a pipeline (with whatever LoRA adapter is active) on a prompt set.
+
+    Samples one image per prompt with seeds seed, seed+1, ... (the same noise for every model compared), scores
+    them with `reward_fn` and returns dict(reward=mean in [0, 1], exact=fraction scoring 1.0, n=len(prompts),
+    rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples).
+    """
+    rewards, images = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        embeds, pooled = encode_prompts(pipe, batch, max_sequence_length)
+        latents = sample_latents(pipe, embeds, pooled, range(seed + start, seed + start + len(batch)), height,
+                                 width, num_steps, guidance_scale, max_sequence_length)
+        batch_images = decode_latents(pipe, latents)
+        rewards.append(reward_fn(batch_images, batch)[0])
+        images += batch_images[: max(grid_size - len(images), 0)]
+    rewards = torch.cat(rewards)
+    captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
+    return {"reward": float(rewards.mean()), "exact": float((rewards == 1.0).float().mean()), "n": len(prompts),
+            "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
+
+
+def read_prompts(path):
+    """Read one prompt per non-empty line. Raises FileNotFoundError / ValueError (empty file) with the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
+    return prompts
+
+
+ADAPTERS = ("theta", "old", "sampler")  # trained policy, implicit-reward reference, rollout policy
+
+
+def add_lora_adapters(transformer, rank, alpha, targets):
+    """Freeze the transformer and give it three LoRA adapters (peft) with identical initial weights.
+
+    Returns {adapter name: list of its LoRA parameters}, the lists aligned element by element, so that
+    `ema_update(params["old"], params["theta"], eta)` implements Eq. (8). Adapters off = the pretrained model.
+    """
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets.split(","))
+    for name in ADAPTERS:
+        transformer.add_adapter(config, adapter_name=name)
+    params = {name: [p for n, p in transformer.named_parameters() if f".{name}." in n] for name in ADAPTERS}
+    for name in ("old", "sampler"):  # Alg. 1, line 0: theta_old <- theta; theta_samp <- theta
+        ema_update(params[name], params["theta"], 0.0)
+    use_adapter(transformer, "theta")
+    return params
+
+
+def use_adapter(transformer, name):
+    """Route the transformer through LoRA adapter `name`, or through none (the pretrained model) if None.
+
+    NOTE: peft's set_adapter makes the active adapter trainable and the others frozen, so the trained adapter must
+    be selected last before its forward pass, as `velocity` does.
+    """
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(name)
+
+
+def velocity(transformer, adapter, x_sigma, sigma, prompt_embeds, pooled_prompt_embeds):
+    """v(x_sigma, t, c) of adapter `adapter` (None = pretrained). x_sigma (B, C, H, W), sigma (B,) -> (B, C, H, W)."""
+    use_adapter(transformer, adapter)
+    return transformer(hidden_states=x_sigma, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds,
+                       pooled_projections=pooled_prompt_embeds, return_dict=False)[0]
+
+
+def training_sigmas(scheduler, num_steps, timestep_range):
+    """The sampler's sigma schedule without its near-clean tail: the first floor(range * steps) values, (S,)."""
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas[: int(timestep_range * num_steps)].float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One CRD update: all micro-batches x training timesteps of an iteration (Alg. 1, lines 4-7)
+# ----------------------------------------------------------------------------------------------------------------
+def update(transformer, params, optimizer, batch, cfg, generator, autocast, state):
+    """CRD update on one iteration's samples. Returns per-iteration means of the logged quantities.
+
+    batch: x0 (N, C, H, W) latents; prompt_embeds (N, L, D), pooled (N, D'); negative_embeds (1, L, D),
+    negative_pooled (1, D') for the empty prompt; rewards_normalized r~ (N,) and rewards_kl (N,) in [0, 1];
+    sigmas (S,). Groups of K are contiguous. Increments state["step"] at every optimizer step.
+    Raises FloatingPointError on a non-finite loss or gradient norm, naming the iteration and step.
+    """
+    x0, sigmas = batch["x0"], batch["sigmas"]
+    n_samples, n_timesteps = len(x0), cfg.train_timesteps
+    _, _, passes_per_step = cfg.sizes()
+    # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement
+    timestep_index = torch.stack([torch.randperm(len(sigmas), generator=generator)[:n_timesteps]
+                                  for _ in range(n_samples)])  # (N, T)
+    logs, passes = [], 0
+    for start in range(0, n_samples, cfg.micro_batch_size):  # Alg. 1, line 4: whole prompt groups
+        mb = slice(start, start + cfg.micro_batch_size)
+        embeds, pooled = batch["prompt_embeds"][mb], batch["pooled"][mb]
+        size = len(embeds)
+        for j in range(n_timesteps):  # Alg. 1, line 5
+            sigma = sigmas[timestep_index[mb, j]].to(x0.device)  # (B,)
+            eps = torch.randn(x0[mb].shape, generator=generator).to(x0.device)
+            x_sigma = interpolate(x0[mb], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
+            u = eps - x0[mb]  # Eq. (2)
+            with autocast, torch.no_grad():
+                v_old = velocity(transformer, "old", x_sigma, sigma, embeds, pooled)
+                v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
+                                 torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
+                                 torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
+            with autocast:
+                v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
+            v_pre_cond, v_pre_uncond = v_pre.chunk(2)
+            r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
+            loss_crd = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta,
+                                cfg.centering, cfg.loss_type)  # Eq. (7)
+            kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, cfg.kl_cfg)  # Eq. (9)
+            loss_kl = (kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
+            loss = loss_crd + loss_kl
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {state['iteration']}, "
+                                         f"optimizer step {state['step']}")
+            (loss / passes_per_step).backward()  # Alg. 1, line 6
+            passes += 1
+            log = {"loss/crd": loss_crd.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
+                   "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()}
+            if passes % passes_per_step == 0:  # Alg. 1, line 7
+                grad_norm = torch.nn.utils.clip_grad_norm_(params["theta"], cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at iteration "
+                                             f"{state['iteration']}, optimizer step {state['step']}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                log["train/grad_norm"] = grad_norm.item()
+            logs.append(log)
+    return {key: float(np.mean([l[key] for l in logs if key in l])) for key in logs[-1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, outputs
+# ----------------------------------------------------------------------------------------------------------------
+RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "sample_every", "checkpoint_every",
+                     "device", "output_dir"}  # fields a resumed run may change; any other change is refused
+
+
+def save_checkpoint(path, cfg, params, optimizer, state):
+    """Write one dict (LoRA weights of theta / old / sampler, optimizer, config, counters) atomically."""
+    checkpoint = {"config": dataclasses.asdict(cfg), "state": dict(state), "optimizer": optimizer.state_dict(),
+                  "lora": {name: [p.detach().cpu().clone() for p in ps] for name, ps in params.items()}}
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, cfg, params, optimizer):
+    """Restore what save_checkpoint wrote. Raises ValueError naming the Config fields that changed the algorithm."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in checkpoint["config"].items()
+               if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
+    if changed:
+        raise ValueError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(changed)}")
+    with torch.no_grad():
+        for name, tensors in checkpoint["lora"].items():
+            for p, t in zip(params[name], tensors):
+                p.copy_(t)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["state"]
+
+
+def save_lora(transformer, directory):
+    """Save the theta adapter so that `StableDiffusion3Pipeline.load_lora_weights(directory)` loads it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, adapter_name="theta")
+    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=layers)
+
+
+def plot_rewards(metrics, path):
+    """Reward curve: training reward per iteration and held-out evaluation reward, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(m["iteration"], m["reward/mean"]) for m in metrics if "reward/mean" in m]
+    held_out = [(m["iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
+    if train:
+        ax.plot(*zip(*train), label="training rollouts (sampler)", alpha=0.6)
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out prompts (theta, no CFG)")
+    ax.set(xlabel="iteration", ylabel="reward", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def check_inputs(cfg):
+    """Everything that can be checked before loading a model; raises with what is wrong and how to fix it."""
+    from reward import REWARDS, ocr_target
+
+    cfg.validate()
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"unknown reward {cfg.reward!r}; known rewards: {', '.join(sorted(REWARDS))}")
+    prompts, eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)[: cfg.eval_count]
+    if cfg.reward == "ocr":
+        for path, items in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
+            for line, prompt in enumerate(items, 1):
+                try:
+                    ocr_target(prompt)
+                except ValueError as error:
+                    raise ValueError(f"{path}, prompt {line}: {error}") from None
+    if len(prompts) < cfg.prompts_per_iteration:
+        raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
+                         f"{cfg.prompts_per_iteration}")
+    return prompts, eval_prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: Algorithm 1
+# ----------------------------------------------------------------------------------------------------------------
+def main(cfg, eval_only=False, lora=""):
+    from tqdm import tqdm
+
+    from reward import make_reward
+
+    prompts, eval_prompts = check_inputs(cfg)
+    run_dir = os.path.join(cfg.output_dir, cfg.run_name)
+    resume = os.path.join(run_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+    if resume and not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
+    os.makedirs(run_dir, exist_ok=True)
+    device = pick_device(cfg.device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    n_samples, passes, passes_per_step = cfg.sizes()
+    print(f"CRD on {device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} samples = {n_samples} images "
+          f"per iteration; {passes} passes of {cfg.micro_batch_size} (x{cfg.train_timesteps} timesteps) -> "
+          f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
+
+    reward_fn = make_reward(cfg.reward, device)
+    pipe = load_pipeline(cfg.model, device=device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False)
+    eval_kwargs = dict(height=cfg.height, width=cfg.width, num_steps=cfg.eval_num_steps,
+                       guidance_scale=cfg.eval_guidance_scale, max_sequence_length=cfg.max_sequence_length)
+    if eval_only:  # score the base model, or a saved LoRA, on the held-out prompts
+        if lora:
+            pipe.load_lora_weights(lora)
+        result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
+        result["grid"].save(os.path.join(run_dir, "eval_grid.png"))
+        print(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on "
+              f"{result['n']} prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps); grid in {run_dir}")
+        return result
+
+    params = add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    state = {"iteration": 0, "step": 0}
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if resume:
+        state = load_checkpoint(resume, cfg, params, optimizer)
+        print(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
+    metrics = []
+    if os.path.isfile(metrics_path) and resume:  # keep the history up to the checkpoint, drop what came after
+        with open(metrics_path) as f:
+            metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
+    sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range)
+    with torch.no_grad():
+        negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)
+
+    def run_eval(iteration, log):
+        use_adapter(pipe.transformer, "theta")
+        t0 = time.time()
+        result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
+        result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
+        log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "time/eval": time.time() - t0})
+        tqdm.write(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
+                   f"(exact {result['exact']:.3f}, {result['n']} prompts)")
+
+    first = state["iteration"]
+    for iteration in tqdm(range(first, cfg.iterations), desc="CRD", initial=first, total=cfg.iterations):
+        t_start, log = time.time(), {"iteration": iteration}
+        state["iteration"] = iteration
+        if iteration == first == 0 or (cfg.eval_every and iteration % cfg.eval_every == 0 and iteration != first):
+            run_eval(iteration, log)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+
+        # Alg. 1, line 2: P prompts, K samples each, from the sampler snapshot, no CFG
+        t0 = time.time()
+        chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_iteration]]
+        batch_prompts = [p for p in chosen for _ in range(cfg.group_size)]  # groups of K contiguous
+        seeds = torch.randint(2**31 - 1, (n_samples,), generator=generator).tolist()
+        with torch.no_grad():
+            prompt_embeds, pooled = encode_prompts(pipe, chosen, cfg.max_sequence_length)
+            prompt_embeds = prompt_embeds.repeat_interleave(cfg.group_size, dim=0)  # (N, L, D)
+            pooled = pooled.repeat_interleave(cfg.group_size, dim=0)  # (N, D')
+            use_adapter(pipe.transformer, "sampler" if cfg.decoupled_sampler else "theta")
+            with autocast:
+                x0 = sample_latents(pipe, prompt_embeds, pooled, seeds, cfg.height, cfg.width, cfg.num_steps,
+                                    cfg.guidance_scale, cfg.max_sequence_length)  # (N, C, H, W)
+            images = decode_latents(pipe, x0)
+        log["time/sample"] = time.time() - t0
+
+        # Alg. 1, line 3: rewards, normalised within groups (Eq. 6)
+        t0 = time.time()
+        rewards, info = reward_fn(images, batch_prompts)
+        if not torch.isfinite(rewards).all():
+            raise FloatingPointError(f"non-finite reward at iteration {iteration}: {rewards.tolist()}")
+        rewards_normalized = normalize_rewards(rewards.view(-1, cfg.group_size)).flatten()
+        log.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                    "reward/group_std": rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
+                    **{f"reward/{k}": v for k, v in info.items()}, "time/reward": time.time() - t0})
+
+        # Alg. 1, lines 4-7: CRD + KL loss, gradient accumulation, optimizer steps
+        t0 = time.time()
+        batch = {"x0": x0.float(), "prompt_embeds": prompt_embeds, "pooled": pooled, "sigmas": sigmas,
+                 "negative_embeds": negative_embeds, "negative_pooled": negative_pooled,
+                 "rewards_normalized": rewards_normalized.to(device),
+                 "rewards_kl": (rewards_normalized if cfg.kl_reward == "normalized" else rewards).to(device)}
+        log.update(update(pipe.transformer, params, optimizer, batch, cfg, generator, autocast, state))
+        log["time/train"] = time.time() - t0
+
+        # Alg. 1, line 8: move the slow reference and the sampler toward theta (Eq. 8)
+        eta_old = ema_decay(state["step"], cfg.old_decay_start, cfg.old_decay_rate, cfg.old_decay_max)
+        eta_sampler = ema_decay(state["step"], 0.0, cfg.sampler_decay_rate, cfg.sampler_decay_max,
+                                cfg.sampler_decay_delay)
+        ema_update(params["old"], params["theta"], eta_old if cfg.slow_reference else 0.0)
+        ema_update(params["sampler"], params["theta"], eta_sampler if cfg.decoupled_sampler else 0.0)
+        log.update({"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": state["step"]})
+
+        state["iteration"] = iteration + 1
+        if iteration % cfg.sample_every == 0:
+            captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(batch_prompts, rewards.tolist())]
+            image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
+                os.path.join(run_dir, f"samples_{iteration:04d}.png"))
+        if iteration + 1 == cfg.iterations:
+            run_eval(iteration + 1, log)
+        if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), cfg, params, optimizer, state)
+        log["time/iteration"] = time.time() - t_start
+        log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in ("sample", "reward",
+                                                                                          "train", "eval"))
+        metrics.append(log)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(log) + "\n")
+        tqdm.write(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss crd {log['loss/crd']:.4f} "
+                   f"kl {log['loss/kl']:.5f} | r^ std {log['implicit_reward/std']:.4f} | eta old "
+                   f"{eta_old:.3f} samp {eta_sampler:.3f} | {log['time/iteration']:.1f}s")
+
+    save_lora(pipe.transformer, os.path.join(run_dir, "lora"))
+    plot_rewards(metrics, os.path.join(run_dir, "reward_curve.png"))
+    print(f"done: LoRA in {run_dir}/lora, curve in {run_dir}/reward_curve.png, metrics in {metrics_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    config, cli = parse_args()
+    main(config, eval_only=cli.eval, lora=cli.lora)

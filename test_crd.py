@@ -1,0 +1,304 @@
+"""Tests for crd.py and reward.py: CPU, offline, tiny shapes, explicit generators.
+
+Hand-computed values of each pure function, the invariances that make CRD correct (a per-prompt reward shift
+changes nothing; theta = old gives a zero implicit reward; the loss vanishes when beta R^ = R; permuting a group
+permutes the per-sample terms), and main() end to end on the embedded model, with an exact resume.
+"""
+import dataclasses
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
+
+import pytest
+import torch
+
+import crd
+import reward
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions: hand-computed values
+# ---------------------------------------------------------------------------------------------------------------
+def test_interpolate_hand_values():
+    x0, eps = torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), -1.0)
+    x = crd.interpolate(x0, eps, torch.tensor([0.0, 0.25]))
+    assert x.flatten().tolist() == [2.0, 0.75 * 2.0 - 0.25]  # sigma = 0 is data, (1 - s) x0 + s eps
+
+
+def test_implicit_reward_hand_values():
+    u = torch.zeros(1, 1, 1, 2)
+    v_theta, v_old = torch.tensor([[[[1.0, 3.0]]]]), torch.tensor([[[[2.0, 2.0]]]])
+    # plain: -mean((1, 9) - (4, 4)) = -1
+    assert crd.implicit_reward(v_theta, v_old, u, adaptive_norm=False).item() == pytest.approx(-1.0)
+    # adaptive: w_theta = mean|1,3| = 2, w_old = 2 -> -mean((1, 9)/2 - (4, 4)/2) = -0.5
+    assert crd.implicit_reward(v_theta, v_old, u, adaptive_norm=True).item() == pytest.approx(-0.5)
+
+
+def test_implicit_reward_is_zero_when_theta_equals_old():
+    v, u = randn(3, 4, 2, 2, seed=1), randn(3, 4, 2, 2, seed=2)
+    for adaptive in (True, False):
+        assert torch.equal(crd.implicit_reward(v, v.clone(), u, adaptive), torch.zeros(3))
+
+
+def test_normalize_rewards_hand_values():
+    rewards = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    # group means 0.5, 0.5; population std of (0, 1, .5, .5) = sqrt(0.125)
+    a = 0.5 / (0.125 ** 0.5 + 1e-6)
+    expected = torch.tensor([[0.5 - a / 10, 0.5 + a / 10], [0.5, 0.5]])
+    assert torch.allclose(crd.normalize_rewards(rewards), expected, atol=1e-6)
+    # advantages are clipped at +-5, then r~ at [0, 1]
+    rare = torch.zeros(100, 4)
+    rare[0, 3] = 1.0  # one success in 400: A = 0.75 / 0.05 = 15 -> clipped to 5 -> r~ = 1
+    extreme = crd.normalize_rewards(rare)
+    assert extreme[0, 3].item() == pytest.approx(1.0) and extreme[0, 0].item() == pytest.approx(0.5 - 0.25 / 0.05 / 10)
+
+
+def test_group_center_hand_values():
+    x = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    assert crd.group_center(x, 2).tolist() == [-1.0, 1.0, -5.0, 5.0]
+    assert crd.group_center(x, 2, centering="batch").tolist() == [-7.5, -5.5, 1.5, 11.5]
+
+
+def test_crd_loss_hand_value():
+    r_hat, rewards = torch.tensor([0.1, 0.3]), torch.tensor([0.4, 0.6])
+    # R^ = (-0.1, 0.1), R = (-0.1, 0.1), beta = 2: (5/2) mean((-0.2+0.1)^2, (0.2-0.1)^2) = 0.025
+    assert crd.crd_loss(r_hat, rewards, 2, beta=2.0).item() == pytest.approx(0.025)
+
+
+def test_cfg_anchor_kl_and_kl_weights_hand_values():
+    v_theta, cond, uncond = torch.full((1, 1, 1, 2), 3.0), torch.full((1, 1, 1, 2), 1.0), torch.zeros(1, 1, 1, 2)
+    assert crd.cfg_anchor_kl(v_theta, cond, uncond, 2.0).item() == pytest.approx(1.0)  # v_cfg = 2 -> (3-2)^2
+    assert crd.cfg_anchor_kl(v_theta, cond, uncond, 1.0).item() == pytest.approx(4.0)  # no CFG: v_cfg = 1
+    w = crd.kl_weights(torch.tensor([0.0, 0.5, 1.0]), kl_beta=0.1)
+    assert torch.allclose(w, torch.tensor([1e-4, 1e-4 + 0.5 * (0.1 - 1e-4), 0.1]))
+    assert crd.kl_weights(torch.tensor([0.0, 1.0]), 0.1, adaptive=False).tolist() == pytest.approx([0.1, 0.1])
+
+
+def test_ema_schedules_of_eq8():
+    eta_old = lambda s: crd.ema_decay(s, 0.25, 0.005, 0.999)  # noqa: E731
+    eta_samp = lambda s: crd.ema_decay(s, 0.0, 0.0075, 0.999, delay=75)  # noqa: E731
+    assert [eta_old(s) for s in (0, 100, 149, 1000)] == pytest.approx([0.25, 0.75, 0.995, 0.999])
+    assert [eta_samp(s) for s in (0, 74, 75, 175, 1000)] == pytest.approx([0.0, 0.0, 0.0, 0.75, 0.999])
+
+
+def test_ema_update_hand_values_and_hard_copy():
+    target, source = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
+    crd.ema_update(target, source, 0.75)
+    assert target[0].tolist() == [1.5, 3.0]  # 0.75 * t + 0.25 * s
+    crd.ema_update(target, source, 0.0)
+    assert target[0].tolist() == [3.0, 6.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Invariances of the CRD loss
+# ---------------------------------------------------------------------------------------------------------------
+def loss_and_grad(rewards, r_hat, **kwargs):
+    r_hat = r_hat.clone().requires_grad_(True)
+    loss = crd.crd_loss(r_hat, rewards, group_size=3, beta=0.7, **kwargs)
+    loss.backward()
+    return loss.detach(), r_hat.grad
+
+
+def test_per_prompt_reward_shift_leaves_loss_and_gradient_unchanged():
+    rewards, r_hat = torch.rand(6, generator=torch.Generator().manual_seed(0)), randn(6, seed=3)
+    shift = torch.tensor([0.3, 0.3, 0.3, -0.2, -0.2, -0.2])  # one constant per prompt group = the log Z(c) term
+    loss, grad = loss_and_grad(rewards, r_hat)
+    for shifted_rewards, shifted_r_hat in ((rewards + shift, r_hat), (rewards, r_hat + shift)):
+        loss_shifted, grad_shifted = loss_and_grad(shifted_rewards, shifted_r_hat)
+        assert torch.allclose(loss, loss_shifted, atol=1e-6) and torch.allclose(grad, grad_shifted, atol=1e-6)
+    # batch centring only removes a shift shared by the whole batch, not a per-prompt one
+    loss_batch, _ = loss_and_grad(rewards, r_hat, centering="batch")
+    assert not torch.allclose(loss_batch, loss_and_grad(rewards + shift, r_hat, centering="batch")[0])
+
+
+def test_loss_is_zero_when_beta_r_hat_equals_centred_reward():
+    rewards = torch.tensor([0.2, 0.5, 0.8, 0.1, 0.1, 0.4])
+    centred = crd.group_center(rewards, 3)
+    r_hat = centred / 0.7 + torch.tensor([5.0, 5.0, 5.0, -1.0, -1.0, -1.0])  # any per-group offset
+    loss, grad = loss_and_grad(rewards, r_hat)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10) and grad.abs().max().item() < 1e-6
+
+
+def test_permuting_a_group_permutes_the_per_sample_terms():
+    rewards, r_hat = torch.rand(6, generator=torch.Generator().manual_seed(1)), randn(6, seed=4)
+    perm = torch.tensor([2, 0, 1, 3, 5, 4])  # inside each group of 3
+    loss, grad = loss_and_grad(rewards, r_hat)
+    loss_p, grad_p = loss_and_grad(rewards[perm], r_hat[perm])
+    assert torch.allclose(loss, loss_p, atol=1e-7) and torch.allclose(grad[perm], grad_p, atol=1e-7)
+    normalized = crd.normalize_rewards(rewards.view(2, 3)).flatten()
+    assert torch.allclose(crd.normalize_rewards(rewards[perm].view(2, 3)).flatten(), normalized[perm])
+
+
+def test_theta_equal_old_gives_no_crd_gradient_when_rewards_tie_within_groups():
+    v = randn(4, 2, 2, 2, seed=5)
+    v_theta, u = v.clone().requires_grad_(True), randn(4, 2, 2, 2, seed=6)
+    r_hat = crd.implicit_reward(v_theta, v.clone(), u)
+    rewards = torch.tensor([0.3, 0.3, 0.9, 0.9])  # equal within each group of 2
+    crd.crd_loss(r_hat, rewards, group_size=2).backward()
+    assert torch.count_nonzero(v_theta.grad) == 0
+    # ...and a gradient as soon as the rewards differ within a group
+    v_theta.grad = None
+    crd.crd_loss(crd.implicit_reward(v_theta, v.clone(), u), torch.tensor([0.3, 0.9, 0.9, 0.9]), 2).backward()
+    assert v_theta.grad.abs().sum() > 0
+
+
+def test_crd_gradient_raises_likelihood_of_above_average_samples():
+    """One gradient step on Eq. (7) lowers theta's denoising error on the better sample of a group, raises it on
+    the worse one: the sign that makes CRD a reward-maximiser."""
+    u = torch.zeros(2, 1, 1, 1)
+    v_old = torch.ones(2, 1, 1, 1)
+    v_theta = v_old.clone().requires_grad_(True)
+    loss = crd.crd_loss(crd.implicit_reward(v_theta, v_old, u, adaptive_norm=False), torch.tensor([1.0, 0.0]), 2)
+    loss.backward()
+    stepped = v_theta.detach() - 0.1 * v_theta.grad
+    errors = (stepped - u).abs().flatten()
+    assert errors[0] < 1.0 < errors[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and input validation
+# ---------------------------------------------------------------------------------------------------------------
+def test_config_validation_names_the_problem():
+    with pytest.raises(ValueError, match="group-size 1"):
+        dataclasses.replace(crd.Config(), group_size=1).validate()
+    with pytest.raises(ValueError, match="not a multiple of --group-size"):
+        dataclasses.replace(crd.Config(), micro_batch_size=12).validate()
+    with pytest.raises(ValueError, match="optimizer steps"):
+        dataclasses.replace(crd.Config(), train_timesteps=1, optimizer_steps_per_iteration=4).validate()
+    crd.Config().validate()
+    crd.sd35m_ocr().validate()
+
+
+def test_check_inputs_rejects_unknown_reward_and_unquoted_prompts(tmp_path):
+    with pytest.raises(ValueError, match="known rewards: .*ocr"):
+        crd.check_inputs(dataclasses.replace(crd.Config(), reward="aesthetic"))
+    bad = tmp_path / "prompts.txt"
+    bad.write_text('"abc"\nno quotes here\n')
+    with pytest.raises(ValueError, match="prompt 2"):
+        crd.check_inputs(dataclasses.replace(crd.Config(), prompts=str(bad)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        crd.check_inputs(dataclasses.replace(crd.Config(), prompts=str(empty)))
+
+
+def test_cli_exposes_every_config_field():
+    cfg, _ = crd.parse_args(["--group-size", "4", "--no-adaptive-kl", "--beta", "0.5"])
+    assert (cfg.group_size, cfg.adaptive_kl, cfg.beta) == (4, False, 0.5)
+    cfg, _ = crd.parse_args(["--preset", "sd35m_ocr"])
+    assert (cfg.group_size, cfg.prompts_per_iteration, cfg.height) == (24, 48, 512)
+    assert set(crd.field_docs(crd.Config)) == {f.name for f in dataclasses.fields(crd.Config)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------------------------
+def test_ocr_score_formula():
+    assert reward.ocr_score("Hello World", "helloworld") == 1.0  # spaces and case are ignored
+    assert reward.ocr_score("xxhelloxx", "hello") == 1.0  # substring
+    assert reward.ocr_score("hallo", "hello") == pytest.approx(0.8)  # one edit in five
+    assert reward.ocr_score("completely different text", "abc") == 0.0  # distance capped at len(target)
+    assert reward.ocr_score("", "abc") == 0.0
+    assert reward.ocr_target('A sign that says "Open Late" and "x"') == "Open Late"
+    with pytest.raises(ValueError, match="no quoted OCR target"):
+        reward.ocr_target("no quotes")
+    with pytest.raises(ValueError, match="known rewards"):
+        reward.make_reward("nope")
+
+
+def test_ocr_reward_reads_clean_renders_and_scores_blank_zero():
+    from PIL import Image, ImageDraw, ImageFont
+    from tools.pretrain_tiny import font_path, render
+
+    font = ImageFont.truetype(font_path(), 20)
+    words = ["hello", "crd", "text", "quick"]
+    fn = reward.make_reward("ocr")
+    rewards, info = fn([render(w, font) for w in words] + [Image.new("RGB", (96, 32), "white")],
+                       [f'"{w}"' for w in words] + ['"blank"'])
+    assert rewards.shape == (5,) and rewards.dtype == torch.float32
+    assert rewards[:4].mean() >= 0.9 and rewards[4] == 0.0 and info["ocr/failures"] == 0
+
+
+def test_ink_reward_is_deterministic_and_in_range():
+    from PIL import Image
+
+    fn = reward.make_reward("ink")
+    rewards, _ = fn([Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")], ["a", "b"])
+    assert rewards.tolist() == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded model, LoRA adapters, main() end to end
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_config(tmp_path, **overrides):
+    values = dict(run_name="test", output_dir=str(tmp_path), reward="ink", iterations=2, prompts_per_iteration=2,
+                  group_size=2, micro_batch_size=2, train_timesteps=1, num_steps=3, eval_num_steps=3, eval_count=4,
+                  eval_every=0, sample_every=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, learning_rate=1e-2)
+    values.update(overrides)
+    return dataclasses.replace(crd.Config(), **values)
+
+
+def test_embedded_model_loads_offline_and_samples():
+    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    assert pipe.text_encoder_3 is None and pipe.transformer.config.in_channels == 4
+    embeds, pooled = crd.encode_prompts(pipe, ['"abc"', '"hello"'], 2)
+    latents = crd.sample_latents(pipe, embeds, pooled, [0, 1], 32, 96, 3, 1.0, 2)
+    assert latents.shape == (2, 4, 16, 48)
+    images = crd.decode_latents(pipe, latents)
+    assert [im.size for im in images] == [(96, 32)] * 2
+
+
+def test_lora_adapters_start_equal_and_switch():
+    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    params = crd.add_lora_adapters(pipe.transformer, 4, 8, "to_q,to_v")
+    assert len(params["theta"]) == len(params["old"]) == len(params["sampler"]) > 0
+    x, sigma = randn(2, 4, 16, 48, seed=7), torch.tensor([0.5, 0.9])
+    embeds, pooled = crd.encode_prompts(pipe, ['"abc"', '"xyz"'], 2)
+    with torch.no_grad():
+        v_pre = crd.velocity(pipe.transformer, None, x, sigma, embeds, pooled)
+        v_old = crd.velocity(pipe.transformer, "old", x, sigma, embeds, pooled)
+        assert torch.equal(v_pre, v_old)  # LoRA B = 0 at the start: every adapter is the pretrained model
+        for p in params["theta"]:
+            p.add_(0.05)
+        v_theta = crd.velocity(pipe.transformer, "theta", x, sigma, embeds, pooled)
+        assert not torch.allclose(v_theta, v_old)
+        assert torch.equal(crd.velocity(pipe.transformer, "old", x, sigma, embeds, pooled), v_old)
+    crd.use_adapter(pipe.transformer, "theta")
+    assert all(p.requires_grad for p in params["theta"]) and not any(p.requires_grad for p in params["old"])
+
+
+def test_main_end_to_end_then_exact_resume(tmp_path):
+    straight = crd.main(tiny_config(tmp_path / "a"))
+    assert [m["iteration"] for m in straight] == [0, 1]
+    run = tmp_path / "a" / "test"
+    for name in ("metrics.jsonl", "checkpoint.pt", "reward_curve.png", "samples_0000.png", "eval_0002.png"):
+        assert (run / name).is_file(), name
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward/mean", "loss/crd", "loss/kl", "ema/eta_old", "time/sample", "time/train"} <= set(logged[0])
+    assert "eval/reward" in logged[0] and "eval/reward" in logged[-1]
+
+    # the same run interrupted after one iteration and resumed ends bitwise identical
+    crd.main(tiny_config(tmp_path / "b", iterations=1))
+    crd.main(tiny_config(tmp_path / "b", resume="auto"))
+    a = torch.load(run / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "test" / "checkpoint.pt", weights_only=False)
+    assert a["state"] == b["state"] == {"iteration": 2, "step": 4}
+    for name in crd.ADAPTERS:
+        assert all(torch.equal(x, y) for x, y in zip(a["lora"][name], b["lora"][name])), name
+    assert any(t.abs().sum() > 0 for t in a["lora"]["theta"])  # training moved theta
+
+    # the saved LoRA loads into a fresh pipeline the diffusers way
+    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    pipe.load_lora_weights(str(run / "lora"))
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+def test_resume_refuses_a_changed_algorithm(tmp_path):
+    crd.main(tiny_config(tmp_path, iterations=1))
+    with pytest.raises(ValueError, match="beta: 1.0 -> 0.5"):
+        crd.main(tiny_config(tmp_path, iterations=2, resume="auto", beta=0.5))
