@@ -46,12 +46,12 @@ dimensions of each sample; losses are reduced in fp32.
 """
 import argparse
 import ast
-import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -376,6 +376,14 @@ def ema_update(target, source, decay):
 # ----------------------------------------------------------------------------------------------------------------
 # Model: load the pipeline, LoRA adapters theta / old / sampler, sampling, evaluation
 # ----------------------------------------------------------------------------------------------------------------
+def check_model(model):
+    """Raise FileNotFoundError if `model` looks like a local path but is not a saved diffusers pipeline."""
+    looks_local = os.path.sep in model or model.startswith(".") or os.path.isdir(model)
+    if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise FileNotFoundError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
+                                f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
+
+
 def load_pipeline(model, dtype=torch.float32, device="cpu"):
     """Load a `StableDiffusion3Pipeline` from a local directory or a hub id (e.g. the embedded tiny model).
 
@@ -383,10 +391,7 @@ def load_pipeline(model, dtype=torch.float32, device="cpu"):
     """
     from diffusers import StableDiffusion3Pipeline
 
-    looks_local = os.path.sep in model or model.startswith(".") or os.path.isdir(model)
-    if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise FileNotFoundError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
-                                f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
+    check_model(model)
     absent = {}  # components saved as [null, null] (the tiny model has no T5) must be passed as None
     index = os.path.join(model, "model_index.json")
     if os.path.isfile(index):
@@ -529,23 +534,23 @@ def velocity(transformer, adapter, x_sigma, sigma, prompt_embeds, pooled_prompt_
 def training_sigmas(scheduler, num_steps, timestep_range):
     """The sampler's sigma schedule without its near-clean tail: the first floor(range * steps) values, (S,)."""
     scheduler.set_timesteps(num_steps)
-    return scheduler.sigmas[: int(timestep_range * num_steps)].float().cpu()
+    return scheduler.sigmas[: int(timestep_range * num_steps)].float().cpu().clone()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One CRD update: all micro-batches x training timesteps of an iteration (Alg. 1, lines 4-7)
 # ----------------------------------------------------------------------------------------------------------------
-def update(transformer, params, optimizer, batch, cfg, generator, autocast, state):
+def update(transformer, params, optimizer, batch, cfg, generator, autocast, state, passes_per_step, world_size=1):
     """CRD update on one iteration's samples. Returns per-iteration means of the logged quantities.
 
     batch: x0 (N, C, H, W) latents; prompt_embeds (N, L, D), pooled (N, D'); negative_embeds (1, L, D),
     negative_pooled (1, D') for the empty prompt; rewards_normalized r~ (N,) and rewards_kl (N,) in [0, 1];
-    sigmas (S,). Groups of K are contiguous. Increments state["step"] at every optimizer step.
+    sigmas (S,). Groups of K are contiguous. Every `passes_per_step` passes: gradients averaged over the
+    `world_size` ranks, clipped, one AdamW step, state["step"] += 1.
     Raises FloatingPointError on a non-finite loss or gradient norm, naming the iteration and step.
     """
     x0, sigmas = batch["x0"], batch["sigmas"]
     n_samples, n_timesteps = len(x0), cfg.train_timesteps
-    _, _, passes_per_step = cfg.sizes()
     # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement
     timestep_index = torch.stack([torch.randperm(len(sigmas), generator=generator)[:n_timesteps]
                                   for _ in range(n_samples)])  # (N, T)
@@ -581,6 +586,7 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
             log = {"loss/crd": loss_crd.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
                    "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()}
             if passes % passes_per_step == 0:  # Alg. 1, line 7
+                average_gradients(params["theta"], world_size)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params["theta"], cfg.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at iteration "
@@ -654,6 +660,21 @@ def plot_rewards(metrics, path):
     plt.close(fig)
 
 
+STOP_REQUESTED = []  # filled by the SIGINT / SIGTERM handler; main() checks it after each iteration
+
+
+def install_stop_handlers():
+    """Ctrl-C / SIGTERM: let the current iteration finish, write a checkpoint, exit; a second signal stops at once."""
+    def request_stop(signum, frame):
+        if STOP_REQUESTED:
+            raise KeyboardInterrupt
+        STOP_REQUESTED.append(signal.Signals(signum).name)
+        print(f"\n{STOP_REQUESTED[0]}: stopping after this iteration (send it again to stop now)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+
+
 def pick_device(name):
     if name != "auto":
         return torch.device(name)
@@ -662,11 +683,12 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def check_inputs(cfg):
+def check_inputs(cfg, world_size=1):
     """Everything that can be checked before loading a model; raises with what is wrong and how to fix it."""
     from reward import REWARDS, ocr_target
 
-    cfg.validate()
+    cfg.validate(world_size)
+    check_model(cfg.model)
     if cfg.reward not in REWARDS:
         raise ValueError(f"unknown reward {cfg.reward!r}; known rewards: {', '.join(sorted(REWARDS))}")
     prompts, eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)[: cfg.eval_count]
@@ -684,25 +706,96 @@ def check_inputs(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Distributed (torchrun): whole prompt groups per rank, rewards gathered before Eq. (6), gradients averaged
+# ----------------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    """(rank, world_size, local_rank) from torchrun's environment; a plain `python crd.py` is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), world_size, local_rank
+
+
+def all_gather(x, world_size):
+    """Concatenate a (n,) tensor from every rank, in rank order -> (world_size * n,)."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(parameters, world_size):
+    """What DDP does at backward: average the gradients over ranks (done by hand because the three LoRA adapters
+    switch requires_grad on and off, which DDP's reducer does not allow)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in parameters:
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size)
+
+
+def barrier(world_size):
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main: Algorithm 1
 # ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(pipe, prompts, seeds, cfg, autocast):
+    """Alg. 1, line 2: K samples for each prompt from the sampler snapshot (theta if not decoupled), no CFG.
+
+    prompts: P' prompts; seeds: P' * K ints. Returns x0 (P'K, C, H, W), prompt_embeds (P'K, L, D), pooled
+    (P'K, D') and P'K PIL images; the K samples of a prompt are contiguous.
+    """
+    prompt_embeds, pooled = encode_prompts(pipe, prompts, cfg.max_sequence_length)
+    prompt_embeds = prompt_embeds.repeat_interleave(cfg.group_size, dim=0)
+    pooled = pooled.repeat_interleave(cfg.group_size, dim=0)
+    use_adapter(pipe.transformer, "sampler" if cfg.decoupled_sampler else "theta")
+    with autocast:
+        x0 = sample_latents(pipe, prompt_embeds, pooled, seeds, cfg.height, cfg.width, cfg.num_steps,
+                            cfg.guidance_scale, cfg.max_sequence_length)
+    return x0.float(), prompt_embeds, pooled, decode_latents(pipe, x0)
+
+
 def main(cfg, eval_only=False, lora=""):
+    """Run CRD (or, with eval_only, score --model [+ lora] on the held-out prompts). Returns the metrics list."""
     from tqdm import tqdm
 
     from reward import make_reward
 
-    prompts, eval_prompts = check_inputs(cfg)
+    rank, world_size, local_rank = setup_distributed()
+    prompts, eval_prompts = check_inputs(cfg, world_size)
     run_dir = os.path.join(cfg.output_dir, cfg.run_name)
     resume = os.path.join(run_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
     if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
     os.makedirs(run_dir, exist_ok=True)
     device = pick_device(cfg.device)
+    device = torch.device("cuda", local_rank) if device.type == "cuda" and world_size > 1 else device
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    n_samples, passes, passes_per_step = cfg.sizes()
-    print(f"CRD on {device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} samples = {n_samples} images "
-          f"per iteration; {passes} passes of {cfg.micro_batch_size} (x{cfg.train_timesteps} timesteps) -> "
-          f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
+    say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
+    n_local, passes, passes_per_step = cfg.sizes(world_size)
+    prompts_local = cfg.prompts_per_iteration // world_size
+    say(f"CRD on {world_size} x {device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} samples = "
+        f"{cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per process; {passes} "
+        f"passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per process -> "
+        f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
 
     reward_fn = make_reward(cfg.reward, device)
     pipe = load_pipeline(cfg.model, device=device)
@@ -716,64 +809,65 @@ def main(cfg, eval_only=False, lora=""):
             pipe.load_lora_weights(lora)
         result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
         result["grid"].save(os.path.join(run_dir, "eval_grid.png"))
-        print(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on "
-              f"{result['n']} prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps); grid in {run_dir}")
+        say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
+            f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps); grid in {run_dir}/eval_grid.png")
         return result
 
+    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
     params = add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    state = {"iteration": 0, "step": 0}
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    state, metrics = {"iteration": 0, "step": 0}, []
+    metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
     if resume:
         state = load_checkpoint(resume, cfg, params, optimizer)
-        print(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
-    metrics = []
-    if os.path.isfile(metrics_path) and resume:  # keep the history up to the checkpoint, drop what came after
-        with open(metrics_path) as f:
-            metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
+        say(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
+        if os.path.isfile(metrics_path):  # keep the history up to the checkpoint, drop what came after
+            with open(metrics_path) as f:
+                metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
+    if rank == 0:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
     sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range)
     with torch.no_grad():
         negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)
 
-    def run_eval(iteration, log):
-        use_adapter(pipe.transformer, "theta")
-        t0 = time.time()
-        result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
-        result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
-        log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "time/eval": time.time() - t0})
-        tqdm.write(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
-                   f"(exact {result['exact']:.3f}, {result['n']} prompts)")
+    def run_eval(iteration, log):  # held-out reward of theta, no CFG; rank 0 only
+        if rank == 0:
+            use_adapter(pipe.transformer, "theta")
+            t0 = time.time()
+            result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
+            result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
+            log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "time/eval": time.time() - t0})
+            say(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
+                f"(exact {result['exact']:.3f}, {result['n']} prompts)")
+        barrier(world_size)
 
     first = state["iteration"]
-    for iteration in tqdm(range(first, cfg.iterations), desc="CRD", initial=first, total=cfg.iterations):
+    for iteration in tqdm(range(first, cfg.iterations), desc="CRD", initial=first, total=cfg.iterations,
+                          disable=rank != 0):
         t_start, log = time.time(), {"iteration": iteration}
         state["iteration"] = iteration
         if iteration == first == 0 or (cfg.eval_every and iteration % cfg.eval_every == 0 and iteration != first):
             run_eval(iteration, log)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+        # every draw of iteration i is seeded by (seed, i): a resumed run repeats it exactly
+        draws = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)  # the same on every rank
+        noise = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration) * 1009 + rank)  # per rank
 
-        # Alg. 1, line 2: P prompts, K samples each, from the sampler snapshot, no CFG
+        # Alg. 1, line 2: P prompts x K samples; rank r takes prompts [r P/W, (r+1) P/W): whole groups
         t0 = time.time()
-        chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_iteration]]
-        batch_prompts = [p for p in chosen for _ in range(cfg.group_size)]  # groups of K contiguous
-        seeds = torch.randint(2**31 - 1, (n_samples,), generator=generator).tolist()
-        with torch.no_grad():
-            prompt_embeds, pooled = encode_prompts(pipe, chosen, cfg.max_sequence_length)
-            prompt_embeds = prompt_embeds.repeat_interleave(cfg.group_size, dim=0)  # (N, L, D)
-            pooled = pooled.repeat_interleave(cfg.group_size, dim=0)  # (N, D')
-            use_adapter(pipe.transformer, "sampler" if cfg.decoupled_sampler else "theta")
-            with autocast:
-                x0 = sample_latents(pipe, prompt_embeds, pooled, seeds, cfg.height, cfg.width, cfg.num_steps,
-                                    cfg.guidance_scale, cfg.max_sequence_length)  # (N, C, H, W)
-            images = decode_latents(pipe, x0)
+        chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=draws)[: cfg.prompts_per_iteration]]
+        seeds = torch.randint(2**31 - 1, (len(chosen) * cfg.group_size,), generator=draws).tolist()
+        mine = slice(rank * prompts_local, (rank + 1) * prompts_local)
+        chosen, seeds = chosen[mine], seeds[mine.start * cfg.group_size: mine.stop * cfg.group_size]
+        batch_prompts = [p for p in chosen for _ in range(cfg.group_size)]
+        x0, prompt_embeds, pooled, images = rollout(pipe, chosen, seeds, cfg, autocast)
         log["time/sample"] = time.time() - t0
 
-        # Alg. 1, line 3: rewards, normalised within groups (Eq. 6)
+        # Alg. 1, line 3: rewards, gathered from all ranks, normalised within groups (Eq. 6)
         t0 = time.time()
-        rewards, info = reward_fn(images, batch_prompts)
+        rewards_local, info = reward_fn(images, batch_prompts)
+        rewards = all_gather(rewards_local.to(device), world_size)  # (P*K,), rank order = prompt order
         if not torch.isfinite(rewards).all():
             raise FloatingPointError(f"non-finite reward at iteration {iteration}: {rewards.tolist()}")
         rewards_normalized = normalize_rewards(rewards.view(-1, cfg.group_size)).flatten()
@@ -783,11 +877,13 @@ def main(cfg, eval_only=False, lora=""):
 
         # Alg. 1, lines 4-7: CRD + KL loss, gradient accumulation, optimizer steps
         t0 = time.time()
-        batch = {"x0": x0.float(), "prompt_embeds": prompt_embeds, "pooled": pooled, "sigmas": sigmas,
+        local = slice(rank * n_local, (rank + 1) * n_local)
+        batch = {"x0": x0, "prompt_embeds": prompt_embeds, "pooled": pooled, "sigmas": sigmas,
                  "negative_embeds": negative_embeds, "negative_pooled": negative_pooled,
-                 "rewards_normalized": rewards_normalized.to(device),
-                 "rewards_kl": (rewards_normalized if cfg.kl_reward == "normalized" else rewards).to(device)}
-        log.update(update(pipe.transformer, params, optimizer, batch, cfg, generator, autocast, state))
+                 "rewards_normalized": rewards_normalized[local],
+                 "rewards_kl": (rewards_normalized if cfg.kl_reward == "normalized" else rewards)[local]}
+        log.update(update(pipe.transformer, params, optimizer, batch, cfg, noise, autocast, state, passes_per_step,
+                          world_size))
         log["time/train"] = time.time() - t0
 
         # Alg. 1, line 8: move the slow reference and the sampler toward theta (Eq. 8)
@@ -799,30 +895,42 @@ def main(cfg, eval_only=False, lora=""):
         log.update({"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": state["step"]})
 
         state["iteration"] = iteration + 1
-        if iteration % cfg.sample_every == 0:
-            captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(batch_prompts, rewards.tolist())]
-            image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
-                os.path.join(run_dir, f"samples_{iteration:04d}.png"))
         if iteration + 1 == cfg.iterations:
             run_eval(iteration + 1, log)
-        if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), cfg, params, optimizer, state)
-        log["time/iteration"] = time.time() - t_start
-        log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in ("sample", "reward",
-                                                                                          "train", "eval"))
-        metrics.append(log)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(log) + "\n")
-        tqdm.write(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss crd {log['loss/crd']:.4f} "
-                   f"kl {log['loss/kl']:.5f} | r^ std {log['implicit_reward/std']:.4f} | eta old "
-                   f"{eta_old:.3f} samp {eta_sampler:.3f} | {log['time/iteration']:.1f}s")
+        if rank == 0:
+            if iteration % cfg.sample_every == 0:
+                captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(batch_prompts, rewards_local.tolist())]
+                image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
+                    os.path.join(run_dir, f"samples_{iteration:04d}.png"))
+            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or STOP_REQUESTED:
+                save_checkpoint(checkpoint_path, cfg, params, optimizer, state)
+            log["time/iteration"] = time.time() - t_start
+            log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in TIME_PARTS[:-1])
+            metrics.append(log)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss crd {log['loss/crd']:.4f} kl "
+                f"{log['loss/kl']:.5f} | r^ std {log['implicit_reward/std']:.4f} | eta old {eta_old:.3f} samp "
+                f"{eta_sampler:.3f} | {log['time/iteration']:.1f}s")
+        if STOP_REQUESTED:
+            say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
+                f"plus --resume auto")
+            return metrics
 
-    save_lora(pipe.transformer, os.path.join(run_dir, "lora"))
-    plot_rewards(metrics, os.path.join(run_dir, "reward_curve.png"))
-    print(f"done: LoRA in {run_dir}/lora, curve in {run_dir}/reward_curve.png, metrics in {metrics_path}")
+    if rank == 0:
+        save_lora(pipe.transformer, os.path.join(run_dir, "lora"))
+        plot_rewards(metrics, os.path.join(run_dir, "reward_curve.png"))
+        totals = {k: sum(m.get(f"time/{k}", 0.0) for m in metrics) for k in TIME_PARTS}
+        say("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}" for k, v in totals.items())
+            + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {cfg.reward}, train = "
+            "forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
+        say(f"done: LoRA in {run_dir}/lora, curve in {run_dir}/reward_curve.png, metrics in {metrics_path}")
     return metrics
 
 
+TIME_PARTS = ("sample", "reward", "train", "eval", "other")
+
 if __name__ == "__main__":
     config, cli = parse_args()
+    install_stop_handlers()
     main(config, eval_only=cli.eval, lora=cli.lora)

@@ -273,21 +273,22 @@ def test_lora_adapters_start_equal_and_switch():
 
 
 def test_main_end_to_end_then_exact_resume(tmp_path):
-    straight = crd.main(tiny_config(tmp_path / "a"))
-    assert [m["iteration"] for m in straight] == [0, 1]
+    straight = crd.main(tiny_config(tmp_path / "a", iterations=4))
+    assert [m["iteration"] for m in straight] == [0, 1, 2, 3]
     run = tmp_path / "a" / "test"
-    for name in ("metrics.jsonl", "checkpoint.pt", "reward_curve.png", "samples_0000.png", "eval_0002.png"):
+    for name in ("metrics.jsonl", "checkpoint.pt", "reward_curve.png", "samples_0000.png", "eval_0004.png"):
         assert (run / name).is_file(), name
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"reward/mean", "loss/crd", "loss/kl", "ema/eta_old", "time/sample", "time/train"} <= set(logged[0])
     assert "eval/reward" in logged[0] and "eval/reward" in logged[-1]
 
-    # the same run interrupted after one iteration and resumed ends bitwise identical
-    crd.main(tiny_config(tmp_path / "b", iterations=1))
-    crd.main(tiny_config(tmp_path / "b", resume="auto"))
+    # the same run stopped after two iterations and resumed ends bitwise identical
+    crd.main(tiny_config(tmp_path / "b", iterations=2))
+    resumed = crd.main(tiny_config(tmp_path / "b", iterations=4, resume="auto"))
+    assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
     a = torch.load(run / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "test" / "checkpoint.pt", weights_only=False)
-    assert a["state"] == b["state"] == {"iteration": 2, "step": 4}
+    assert a["state"] == b["state"] == {"iteration": 4, "step": 8}
     for name in crd.ADAPTERS:
         assert all(torch.equal(x, y) for x, y in zip(a["lora"][name], b["lora"][name])), name
     assert any(t.abs().sum() > 0 for t in a["lora"]["theta"])  # training moved theta
@@ -302,3 +303,113 @@ def test_resume_refuses_a_changed_algorithm(tmp_path):
     crd.main(tiny_config(tmp_path, iterations=1))
     with pytest.raises(ValueError, match="beta: 1.0 -> 0.5"):
         crd.main(tiny_config(tmp_path, iterations=2, resume="auto", beta=0.5))
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
+    optimizer = torch.optim.AdamW(params["theta"])
+    path, cfg = str(tmp_path / "checkpoint.pt"), crd.Config()
+    crd.save_checkpoint(path, cfg, params, optimizer, {"iteration": 3, "step": 6})
+
+    def dying_save(obj, file):  # writes half a file, then the process "dies"
+        with open(file, "wb") as f:
+            f.write(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    params["theta"][0].fill_(5.0)
+    with pytest.raises(KeyboardInterrupt):
+        crd.save_checkpoint(path, cfg, params, optimizer, {"iteration": 4, "step": 8})
+    monkeypatch.undo()
+    assert crd.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 3, "step": 6}
+    assert params["theta"][0].tolist() == [1.0, 1.0]
+
+
+def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
+    base = crd.Config()
+    cases = [
+        (dict(prompts=str(tmp_path / "missing.txt")), FileNotFoundError, "does not exist"),
+        (dict(model=str(tmp_path)), FileNotFoundError, "no model_index.json"),
+        (dict(timestep_range=0.5, train_timesteps=6), ValueError, "train-timesteps 6"),
+        (dict(centering="global"), ValueError, "choose one of prompt, batch"),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            crd.check_inputs(dataclasses.replace(base, **overrides))
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        base.validate(world_size=3)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
+
+
+def test_ocr_reward_scores_a_failing_image_zero_and_raises_when_all_fail():
+    from tools.pretrain_tiny import font_path, render
+    from PIL import ImageFont
+
+    fn = reward.make_reward("ocr")
+    good = render("word", ImageFont.truetype(font_path(), 20))
+    rewards, info = fn([good, None], ['"word"', '"word"'])  # None cannot be read: counted, scored 0
+    assert rewards.tolist() == [1.0, 0.0] and info["ocr/failures"] == 1
+    with pytest.raises(RuntimeError, match="OCR failed on all 2 images"):
+        fn([None, None], ['"a"', '"b"'])
+
+
+def test_sigint_stops_after_the_iteration_with_a_checkpoint_that_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    flags = ["--reward", "ink", "--run-name", "sig", "--output-dir", str(tmp_path), "--prompts-per-iteration", "2",
+             "--group-size", "2", "--micro-batch-size", "2", "--train-timesteps", "1", "--num-steps", "3",
+             "--eval-num-steps", "3", "--eval-count", "2", "--eval-every", "0", "--checkpoint-every", "1000",
+             "--lora-rank", "4"]
+    command = [sys.executable, os.path.join(os.path.dirname(__file__), "crd.py"), *flags]
+    process = subprocess.Popen(command + ["--iterations", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    output = []
+    for line in process.stdout:  # wait for the first finished iteration, then press Ctrl-C
+        output.append(line)
+        if line.startswith("it   0 |"):
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 0, "".join(output)
+    assert "continue with the same command plus --resume auto" in "".join(output)
+    done = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=False)["state"]["iteration"]
+    assert 1 <= done < 1000
+    subprocess.run(command + ["--iterations", str(done + 1), "--resume", "auto"], check=True, capture_output=True)
+    assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=False)["state"]["iteration"] == done + 1
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import crd
+
+recorded, adapters = [], {}
+normalize, add_adapters = crd.normalize_rewards, crd.add_lora_adapters
+crd.normalize_rewards = lambda rewards, **kw: recorded.append(normalize(rewards, **kw)) or recorded[-1]
+crd.add_lora_adapters = lambda *a, **kw: adapters.update(add_adapters(*a, **kw)) or adapters
+crd.main(crd.Config(**json.loads(sys.argv[2])))
+torch.save({"normalized": recorded, "theta": [p.detach().clone() for p in adapters["theta"]]},
+           os.path.join(sys.argv[3], f"rank{os.environ.get('RANK', 'single')}.pt"))
+"""
+
+
+def test_torchrun_two_ranks_agree_with_each_other_and_with_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    cfg = dataclasses.asdict(tiny_config(tmp_path / "out", iterations=2, train_timesteps=2))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    here, json.dumps(cfg), str(tmp_path)], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, str(script), here, json.dumps(cfg | {"run_name": "single"}), str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    rank0, rank1, single = (torch.load(tmp_path / f"rank{r}.pt") for r in ("0", "1", "single"))
+    assert all(torch.equal(a, b) for a, b in zip(rank0["theta"], rank1["theta"]))  # gradients were averaged
+    # iteration 0: the same prompts and seeds, split over two ranks, give the same centred rewards as one process
+    assert torch.allclose(rank0["normalized"][0], single["normalized"][0], atol=1e-4)
+    assert torch.equal(rank0["normalized"][0], rank1["normalized"][0])

@@ -110,10 +110,12 @@ def build_pipeline(tokenizer_dir):
                                         joint_attention_dim=128, caption_projection_dim=128,
                                         pooled_projection_dim=128, pos_embed_max_size=16)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
                                     text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
                                     text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def train_vae(vae, images, steps, batch_size, lr, generator):
@@ -138,11 +140,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=12000)
     parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=3000, help="transformer steps at most")
+    parser.add_argument("--steps", type=int, default=6000, help="transformer steps at most")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-from", type=int, default=1500)
-    parser.add_argument("--eval-every", type=int, default=300)
+    parser.add_argument("--eval-from", type=int, default=2000)
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--target-reward", type=float, default=0.35, help="keep the checkpoint closest to this")
     parser.add_argument("--stop-reward", type=float, default=0.55, help="stop once validation reward exceeds this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -206,7 +208,6 @@ def main():
         loss = F.mse_loss(v, eps - x0)  # Eq. (2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         warmup.step()
         if step % 50 == 0:
