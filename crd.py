@@ -91,6 +91,8 @@ class Config:
     """T5 tokens (the tiny model has no T5: zeros of this length)"""
     mixed_precision: str = "no"
     """'bf16' autocast on GPU (LoRA weights stay fp32), 'no' for fp32"""
+    gradient_checkpointing: bool = False
+    """recompute transformer activations in backward (saves GPU memory for SD3.5-M, costs ~30 % time)"""
     lora_rank: int = 32
     """LoRA rank r on the attention projections"""
     lora_alpha: int = 64
@@ -173,6 +175,8 @@ class Config:
     """AdamW epsilon"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
+    skip_nonfinite: bool = False
+    """skip and count passes / steps with a non-finite loss or gradient norm instead of stopping the run"""
     optimizer_steps_per_iteration: int = 2
     """AdamW steps per iteration; gradients accumulate over the passes in between"""
     micro_batch_size: int = 32
@@ -180,8 +184,8 @@ class Config:
     # logging / checkpoints
     sample_every: int = 5
     """save a captioned grid of rollouts every this many iterations"""
-    checkpoint_every: int = 5
-    """write runs/<run_name>/checkpoint.pt every this many iterations (and at the end)"""
+    checkpoint_every: int = 1
+    """write runs/<run_name>/checkpoint.pt every this many iterations (and at the end, or when stopped)"""
 
     def validate(self, world_size=1):
         """Raise ValueError naming the field and the fix for impossible settings, before any expensive work."""
@@ -230,10 +234,10 @@ def sd35m_ocr():
     """The paper's OCR recipe on SD3.5-M (CRD_SPEC.md §7): 512 px, K = 24, 48 prompts per iteration."""
     return dataclasses.replace(
         Config(), run_name="crd-sd35m-ocr", model="stabilityai/stable-diffusion-3.5-medium", height=512, width=512,
-        max_sequence_length=256, mixed_precision="bf16", prompts_per_iteration=48, group_size=24, num_steps=10,
-        eval_num_steps=40, eval_count=1018, eval_every=20, eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"),
-        train_timesteps=9, learning_rate=3e-4, micro_batch_size=24, iterations=1000, sample_every=10,
-        checkpoint_every=10)
+        max_sequence_length=256, mixed_precision="bf16", gradient_checkpointing=True, prompts_per_iteration=48,
+        group_size=24, num_steps=10, eval_num_steps=40, eval_count=1018, eval_every=20,
+        prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), train_timesteps=9, learning_rate=3e-4,
+        micro_batch_size=24, iterations=1000, sample_every=10, checkpoint_every=10)
 
 
 PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr}
@@ -480,6 +484,9 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
 
 def read_prompts(path):
     """Read one prompt per non-empty line. Raises FileNotFoundError / ValueError (empty file) with the path."""
+    if not path:
+        raise ValueError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
+                         "prompts of the paper are not shipped, and data/ocr_test.txt is for evaluation only)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -505,6 +512,8 @@ def add_lora_adapters(transformer, rank, alpha, targets):
     for name in ADAPTERS:
         transformer.add_adapter(config, adapter_name=name)
     params = {name: [p for n, p in transformer.named_parameters() if f".{name}." in n] for name in ADAPTERS}
+    for p in params["theta"] + params["old"] + params["sampler"]:  # fp32 LoRA weights on a bf16 base model
+        p.data = p.data.float()
     for name in ("old", "sampler"):  # Alg. 1, line 0: theta_old <- theta; theta_samp <- theta
         ema_update(params[name], params["theta"], 0.0)
     use_adapter(transformer, "theta")
@@ -554,7 +563,7 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
     # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement
     timestep_index = torch.stack([torch.randperm(len(sigmas), generator=generator)[:n_timesteps]
                                   for _ in range(n_samples)])  # (N, T)
-    logs, passes = [], 0
+    logs, grad_norms, passes, skipped = [], [], 0, 0
     for start in range(0, n_samples, cfg.micro_batch_size):  # Alg. 1, line 4: whole prompt groups
         mb = slice(start, start + cfg.micro_batch_size)
         embeds, pooled = batch["prompt_embeds"][mb], batch["pooled"][mb]
@@ -578,25 +587,32 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
             kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, cfg.kl_cfg)  # Eq. (9)
             loss_kl = (kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
             loss = loss_crd + loss_kl
-            if not torch.isfinite(loss):
+            passes += 1
+            if torch.isfinite(loss):
+                (loss / passes_per_step).backward()  # Alg. 1, line 6
+                logs.append({"loss/crd": loss_crd.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
+                             "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()})
+            elif cfg.skip_nonfinite:
+                skipped += 1
+            else:
                 raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {state['iteration']}, "
                                          f"optimizer step {state['step']}")
-            (loss / passes_per_step).backward()  # Alg. 1, line 6
-            passes += 1
-            log = {"loss/crd": loss_crd.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
-                   "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()}
             if passes % passes_per_step == 0:  # Alg. 1, line 7
                 average_gradients(params["theta"], world_size)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params["theta"], cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    grad_norms.append(grad_norm.item())
+                elif cfg.skip_nonfinite:
+                    skipped += 1
+                else:
                     raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at iteration "
                                              f"{state['iteration']}, optimizer step {state['step']}")
-                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
-                log["train/grad_norm"] = grad_norm.item()
-            logs.append(log)
-    return {key: float(np.mean([l[key] for l in logs if key in l])) for key in logs[-1]}
+    means = {key: float(np.mean([l[key] for l in logs])) for key in (logs[0] if logs else {})}
+    return means | {"train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+                    "train/skipped": skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -676,6 +692,7 @@ def install_stop_handlers():
 
 
 def pick_device(name):
+    """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -742,11 +759,14 @@ def average_gradients(parameters, world_size):
     import torch.distributed as dist
 
     for p in parameters:
+        if p.grad is None:  # every pass of this rank was skipped (--skip-nonfinite)
+            p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad.div_(world_size)
 
 
 def barrier(world_size):
+    """Wait for every rank (no-op in a single process)."""
     if world_size > 1:
         import torch.distributed as dist
 
@@ -798,7 +818,7 @@ def main(cfg, eval_only=False, lora=""):
         f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
 
     reward_fn = make_reward(cfg.reward, device)
-    pipe = load_pipeline(cfg.model, device=device)
+    pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.requires_grad_(False)
@@ -815,6 +835,8 @@ def main(cfg, eval_only=False, lora=""):
 
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
     params = add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     state, metrics = {"iteration": 0, "step": 0}, []
@@ -882,8 +904,12 @@ def main(cfg, eval_only=False, lora=""):
                  "negative_embeds": negative_embeds, "negative_pooled": negative_pooled,
                  "rewards_normalized": rewards_normalized[local],
                  "rewards_kl": (rewards_normalized if cfg.kl_reward == "normalized" else rewards)[local]}
-        log.update(update(pipe.transformer, params, optimizer, batch, cfg, noise, autocast, state, passes_per_step,
-                          world_size))
+        try:
+            log.update(update(pipe.transformer, params, optimizer, batch, cfg, noise, autocast, state,
+                              passes_per_step, world_size))
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error}; the last good state is {checkpoint_path} (resume with --resume auto, "
+                                     f"add --skip-nonfinite to skip such passes)") from None
         log["time/train"] = time.time() - t0
 
         # Alg. 1, line 8: move the slow reference and the sampler toward theta (Eq. 8)
@@ -909,8 +935,9 @@ def main(cfg, eval_only=False, lora=""):
             metrics.append(log)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
-            say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss crd {log['loss/crd']:.4f} kl "
-                f"{log['loss/kl']:.5f} | r^ std {log['implicit_reward/std']:.4f} | eta old {eta_old:.3f} samp "
+            say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss crd {log.get('loss/crd', math.nan):.4f} "
+                f"kl {log.get('loss/kl', math.nan):.5f} | r^ std {log.get('implicit_reward/std', math.nan):.4f} | "
+                f"eta old {eta_old:.3f} samp "
                 f"{eta_sampler:.3f} | {log['time/iteration']:.1f}s")
         if STOP_REQUESTED:
             say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "

@@ -5,6 +5,7 @@ changes nothing; theta = old gives a zero implicit reward; the loss vanishes whe
 permutes the per-sample terms), and main() end to end on the embedded model, with an exact resume.
 """
 import dataclasses
+import math
 import json
 import os
 
@@ -413,3 +414,68 @@ def test_torchrun_two_ranks_agree_with_each_other_and_with_one_process(tmp_path)
     # iteration 0: the same prompts and seeds, split over two ranks, give the same centred rewards as one process
     assert torch.allclose(rank0["normalized"][0], single["normalized"][0], atol=1e-4)
     assert torch.equal(rank0["normalized"][0], rank1["normalized"][0])
+
+
+def build_sd35m_layout_pipeline(directory):
+    """A tiny random pipeline with SD3.5-M's component layout: two CLIP encoders + a T5 encoder, a 16-channel VAE,
+    a transformer with dual-attention blocks and RMS qk-norm, a shift-3 scheduler. Saved with save_pretrained."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config
+    from transformers import T5EncoderModel
+
+    from tools.pretrain_tiny import build_tokenizer
+
+    torch.manual_seed(0)
+    clip_tokenizer = build_tokenizer(os.path.join(directory, "clip_tokenizer"), max_length=16)
+    clip_config = CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                 projection_dim=32, bos_token_id=clip_tokenizer.bos_token_id,
+                                 eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id)
+    words = ["<pad>", "</s>", "<unk>", '"abc"', '"xyz"', "a", "sign"]
+    t5_backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t5_backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t5_tokenizer = PreTrainedTokenizerFast(tokenizer_object=t5_backend, pad_token="<pad>", eos_token="</s>",
+                                           unk_token="<unk>", model_max_length=8)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=64, d_ff=64, d_kv=16, num_layers=1, num_heads=2))
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                          caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                                          dual_attention_layers=(0,), qk_norm="rms_norm"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                          latent_channels=16, norm_num_groups=8, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(clip_config), tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config), tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(directory)
+
+
+def test_sd35m_code_path_runs_on_a_tiny_pipeline_with_its_layout(tmp_path):
+    model = tmp_path / "tiny-sd35m-layout"
+    build_sd35m_layout_pipeline(str(model))
+    pipe = crd.load_pipeline(str(model))  # reloads offline, all three text encoders present
+    assert pipe.text_encoder_3 is not None and pipe.vae.config.latent_channels == 16
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a sign "abc"\na sign "xyz"\n')
+    # the sd35m_ocr preset (bf16 autocast, gradient checkpointing, K groups per micro-batch, 9 -> 2 timesteps...)
+    # with only the sizes made tiny
+    cfg = dataclasses.replace(crd.sd35m_ocr(), model=str(model), prompts=str(prompts), eval_prompts=str(prompts),
+                              output_dir=str(tmp_path), height=32, width=32, max_sequence_length=4,
+                              prompts_per_iteration=2, group_size=2, micro_batch_size=2, num_steps=3,
+                              train_timesteps=1, eval_num_steps=2, eval_count=2, iterations=1, reward="ink",
+                              lora_rank=4, lora_alpha=8)
+    metrics = crd.main(cfg)
+    assert len(metrics) == 1 and metrics[0]["train/step"] == 2
+    assert all(math.isfinite(metrics[0][k]) for k in ("loss/crd", "loss/kl", "eval/reward"))
+    assert (tmp_path / cfg.run_name / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_nonfinite_loss_stops_with_iteration_and_step_or_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(crd, "crd_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at iteration 0, optimizer step 0"):
+        crd.main(tiny_config(tmp_path / "stop", iterations=1))
+    metrics = crd.main(tiny_config(tmp_path / "skip", iterations=1, skip_nonfinite=True))
+    assert metrics[0]["train/skipped"] == 2  # both passes skipped; the optimizer steps found no gradient

@@ -93,7 +93,9 @@ def build_tokenizer(directory, max_length):
 
 
 def build_pipeline(tokenizer_dir):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    """The untrained tiny StableDiffusion3Pipeline, from configs only (sizes in the module docstring)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer = build_tokenizer(tokenizer_dir, max_length=9)  # <bos> " 5 letters " <eos>
