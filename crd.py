@@ -34,7 +34,7 @@ Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
      the paper's recipe is the `sd35m_ocr` preset.
 
 Launch:
-  python crd.py --reward ocr                                       # CPU, embedded tiny model, ~15 min
+  python crd.py --reward ocr                                       # CPU, embedded tiny model, ~12 min
   python crd.py --preset sd35m_ocr --prompts my_train_prompts.txt  # one GPU, SD3.5-M
   python crd.py --eval [--lora runs/NAME/lora] [--eval-guidance-scale 3]   # score a model on held-out prompts
   python crd.py --resume runs/NAME/checkpoint.pt                   # continue a run exactly
@@ -76,7 +76,7 @@ class Config:
     """seeds every draw of the run (prompts, sampling noise, training noise)"""
     device: str = "auto"
     """auto (cuda > mps > cpu), or a torch device string"""
-    iterations: int = 45
+    iterations: int = 75
     """number of CRD iterations (Alg. 1 outer loop)"""
     resume: str = ""
     """checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)"""
@@ -226,7 +226,7 @@ class Config:
 
 
 def tiny_ocr():
-    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward (~15 min on 2 cores)."""
+    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward (~12 min on 2 cores)."""
     return Config()
 
 
@@ -663,7 +663,7 @@ def plot_rewards(metrics, path):
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     train = [(m["iteration"], m["reward/mean"]) for m in metrics if "reward/mean" in m]
-    held_out = [(m["iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
+    held_out = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
     if train:
         ax.plot(*zip(*train), label="training rollouts (sampler)", alpha=0.6)
     if held_out:
@@ -860,7 +860,8 @@ def main(cfg, eval_only=False, lora=""):
             t0 = time.time()
             result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
             result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
-            log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "time/eval": time.time() - t0})
+            log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
+                        "time/eval": time.time() - t0})
             say(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
                 f"(exact {result['exact']:.3f}, {result['n']} prompts)")
         barrier(world_size)
@@ -923,12 +924,13 @@ def main(cfg, eval_only=False, lora=""):
         state["iteration"] = iteration + 1
         if iteration + 1 == cfg.iterations:
             run_eval(iteration + 1, log)
+        stopping = bool(STOP_REQUESTED)  # read once: a stop always comes with a checkpoint
         if rank == 0:
             if iteration % cfg.sample_every == 0:
                 captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(batch_prompts, rewards_local.tolist())]
                 image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
                     os.path.join(run_dir, f"samples_{iteration:04d}.png"))
-            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or STOP_REQUESTED:
+            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or stopping:
                 save_checkpoint(checkpoint_path, cfg, params, optimizer, state)
             log["time/iteration"] = time.time() - t_start
             log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in TIME_PARTS[:-1])
@@ -939,7 +941,7 @@ def main(cfg, eval_only=False, lora=""):
                 f"kl {log.get('loss/kl', math.nan):.5f} | r^ std {log.get('implicit_reward/std', math.nan):.4f} | "
                 f"eta old {eta_old:.3f} samp "
                 f"{eta_sampler:.3f} | {log['time/iteration']:.1f}s")
-        if STOP_REQUESTED:
+        if stopping:
             say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
                 f"plus --resume auto")
             return metrics
