@@ -651,7 +651,9 @@ def save_lora(transformer, directory):
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(transformer, adapter_name="theta")
-    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=layers)
+    metadata = transformer.peft_config["theta"].to_dict()  # NOTE: carries lora_alpha; without it, scale 1 not alpha/r
+    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata=metadata)
 
 
 def plot_rewards(metrics, path):

@@ -294,10 +294,22 @@ def test_main_end_to_end_then_exact_resume(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a["lora"][name], b["lora"][name])), name
     assert any(t.abs().sum() > 0 for t in a["lora"]["theta"])  # training moved theta
 
-    # the saved LoRA loads into a fresh pipeline the diffusers way
+    # the saved LoRA, loaded the diffusers way, reproduces theta's velocity (weights and alpha / r scale)
     pipe = crd.load_pipeline(crd.TINY_MODEL)
-    pipe.load_lora_weights(str(run / "lora"))
-    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    params = crd.add_lora_adapters(pipe.transformer, 4, 8, crd.Config().lora_targets)
+    with torch.no_grad():
+        for p, t in zip(params["theta"], a["lora"]["theta"]):
+            p.copy_(t)
+    loaded = crd.load_pipeline(crd.TINY_MODEL)
+    loaded.load_lora_weights(str(run / "lora"))
+    x, sigma = randn(2, 4, 16, 48, seed=8), torch.tensor([0.3, 0.8])
+    embeds, pooled = crd.encode_prompts(pipe, ['"abc"', '"xyz"'], 2)
+    with torch.no_grad():
+        v_theta = crd.velocity(pipe.transformer, "theta", x, sigma, embeds, pooled)
+        v_loaded = loaded.transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                                      pooled_projections=pooled, return_dict=False)[0]
+        v_pre = crd.velocity(pipe.transformer, None, x, sigma, embeds, pooled)
+    assert torch.allclose(v_loaded, v_theta, atol=1e-5) and not torch.allclose(v_loaded, v_pre, atol=1e-3)
 
 
 def test_resume_refuses_a_changed_algorithm(tmp_path):
@@ -419,7 +431,8 @@ def test_torchrun_two_ranks_agree_with_each_other_and_with_one_process(tmp_path)
 def build_sd35m_layout_pipeline(directory):
     """A tiny random pipeline with SD3.5-M's component layout: two CLIP encoders + a T5 encoder, a 16-channel VAE,
     a transformer with dual-attention blocks and RMS qk-norm, a shift-3 scheduler. Saved with save_pretrained."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config
     from transformers import T5EncoderModel
