@@ -382,7 +382,7 @@ def ema_update(target, source, decay):
 # ----------------------------------------------------------------------------------------------------------------
 def check_model(model):
     """Raise FileNotFoundError if `model` looks like a local path but is not a saved diffusers pipeline."""
-    looks_local = os.path.sep in model or model.startswith(".") or os.path.isdir(model)
+    looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
     if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise FileNotFoundError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
                                 f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
@@ -702,15 +702,19 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def check_inputs(cfg, world_size=1):
-    """Everything that can be checked before loading a model; raises with what is wrong and how to fix it."""
+def check_inputs(cfg, world_size=1, training=True):
+    """Everything that can be checked before loading a model; raises with what is wrong and how to fix it.
+
+    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
+    """
     from reward import REWARDS, ocr_target
 
     cfg.validate(world_size)
     check_model(cfg.model)
     if cfg.reward not in REWARDS:
         raise ValueError(f"unknown reward {cfg.reward!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    prompts, eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)[: cfg.eval_count]
+    prompts = read_prompts(cfg.prompts) if training else []
+    eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_count]
     if cfg.reward == "ocr":
         for path, items in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
             for line, prompt in enumerate(items, 1):
@@ -718,7 +722,7 @@ def check_inputs(cfg, world_size=1):
                     ocr_target(prompt)
                 except ValueError as error:
                     raise ValueError(f"{path}, prompt {line}: {error}") from None
-    if len(prompts) < cfg.prompts_per_iteration:
+    if training and len(prompts) < cfg.prompts_per_iteration:
         raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
                          f"{cfg.prompts_per_iteration}")
     return prompts, eval_prompts
@@ -802,7 +806,7 @@ def main(cfg, eval_only=False, lora=""):
     from reward import make_reward
 
     rank, world_size, local_rank = setup_distributed()
-    prompts, eval_prompts = check_inputs(cfg, world_size)
+    prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only)
     run_dir = os.path.join(cfg.output_dir, cfg.run_name)
     resume = os.path.join(run_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
     if resume and not os.path.isfile(resume):

@@ -351,6 +351,10 @@ def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
             crd.check_inputs(dataclasses.replace(base, **overrides))
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         base.validate(world_size=3)
+    with pytest.raises(ValueError, match="no prompt file: pass --prompts"):  # SD3.5-M ships no training prompts
+        crd.check_inputs(crd.sd35m_ocr())
+    assert crd.check_inputs(crd.sd35m_ocr(), training=False)[1][0].count('"') == 2  # --eval needs none
+    crd.check_model("stabilityai/stable-diffusion-3.5-medium")  # a hub id is not checked as a folder
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
 
