@@ -800,7 +800,7 @@ def rollout(pipe, prompts, seeds, cfg, autocast):
 
 
 def main(cfg, eval_only=False, lora=""):
-    """Run CRD (or, with eval_only, score --model [+ lora] on the held-out prompts). Returns the metrics list."""
+    """Run CRD and return the per-iteration metrics; with eval_only, score --model [+ lora] and return that dict."""
     from tqdm import tqdm
 
     from reward import make_reward
