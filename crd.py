@@ -197,11 +197,10 @@ class Config:
         if self.prompts_per_iteration % world_size:
             raise ValueError(f"--prompts-per-iteration {self.prompts_per_iteration} is not divisible by the "
                              f"{world_size} processes")
-        samples = self.prompts_per_iteration // world_size * self.group_size
+        samples, passes, _ = self.sizes(world_size)
         if samples % self.micro_batch_size:
             raise ValueError(f"{samples} samples per process are not a whole number of micro-batches of "
                              f"{self.micro_batch_size}; change --micro-batch-size or --prompts-per-iteration")
-        passes = samples // self.micro_batch_size * self.train_timesteps
         if passes % self.optimizer_steps_per_iteration:
             raise ValueError(f"{passes} forward/backward passes per iteration cannot be split into "
                              f"{self.optimizer_steps_per_iteration} optimizer steps; change "

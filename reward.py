@@ -69,6 +69,12 @@ def ocr_reward(device="cpu"):
         arrays = [np.asarray(image.convert("RGB")) for image in images]
         return ["".join(text for _, text, _ in found) for found in reader.readtext_batched(arrays, batch_size=64)]
 
+    def score_all(texts, targets, failures):
+        rewards = torch.tensor([0.0 if text is None else ocr_score(text, target)
+                                for text, target in zip(texts, targets)], dtype=torch.float32)
+        return rewards, {"ocr/exact": float((rewards == 1.0).float().mean()) if len(texts) else 0.0,
+                         "ocr/failures": failures}
+
     def fn(images, prompts):
         targets = [ocr_target(p) for p in prompts]
         failures, last_error = 0, None
@@ -86,12 +92,6 @@ def ocr_reward(device="cpu"):
         if images and failures == len(images):
             raise RuntimeError(f"OCR failed on all {failures} images; last error: {last_error!r}") from last_error
         return score_all(texts, targets, failures)
-
-    def score_all(texts, targets, failures):
-        rewards = torch.tensor([0.0 if text is None else ocr_score(text, target)
-                                for text, target in zip(texts, targets)], dtype=torch.float32)
-        return rewards, {"ocr/exact": float((rewards == 1.0).float().mean()) if len(texts) else 0.0,
-                         "ocr/failures": failures}
 
     return fn
 
