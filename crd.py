@@ -125,6 +125,10 @@ class Config:
     reward: str = "ocr"
     """reward name in reward.REWARDS"""
     # CRD loss
+    objective: str = "crd"
+    """'crd' (Eqs. 5-10), 'nft' (DiffusionNFT baseline, Appendix A) or 'anchor' (reward-free control: KL only)"""
+    nft_beta: float = 1.0
+    """beta_NFT of Eq. (A1), used only with --objective nft"""
     beta: float = 1.0
     """beta of Eqs. (3)-(7): KL strength toward the old model = inverse reward temperature"""
     adaptive_norm: bool = True
@@ -209,13 +213,14 @@ class Config:
             raise ValueError(f"--train-timesteps {self.train_timesteps} must be in [1, "
                              f"{int(self.timestep_range * self.num_steps)}] (the kept schedule steps)")
         for name, value, allowed in (("centering", self.centering, ("prompt", "batch")),
+                                     ("objective", self.objective, ("crd", "nft", "anchor")),
                                      ("loss-type", self.loss_type, ("mse", "bce")),
                                      ("kl-reward", self.kl_reward, ("normalized", "raw")),
                                      ("mixed-precision", self.mixed_precision, ("no", "bf16"))):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
-        if self.beta <= 0:
-            raise ValueError(f"--beta {self.beta} must be > 0")
+        if self.beta <= 0 or self.nft_beta <= 0:
+            raise ValueError(f"--beta {self.beta} and --nft-beta {self.nft_beta} must be > 0")
 
     def sizes(self, world_size=1):
         """Derived sizes, computed in one place: (samples per process, passes per iteration, passes per step)."""
@@ -336,6 +341,25 @@ def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt"
     if loss_type == "bce":
         return torch.nn.functional.binary_cross_entropy_with_logits(predicted, torch.sigmoid(target))
     return (5.0 / beta) * ((predicted - target) ** 2).mean()
+
+
+def nft_loss(v_theta, v_old, x_sigma, x0, sigma, rewards, beta=1.0, floor=1e-5):
+    """The DiffusionNFT baseline loss, Eqs. (A1)-(A2) without their KL term (for side-by-side comparisons).
+
+    v_theta, v_old (the sampler snapshot in NFT), x_sigma, x0: (N, C, H, W); sigma: (N,); rewards r~: (N,) in
+    [0, 1] (Eq. 6), not centred. The implicit positive / negative policies v+- = v_old +- beta (v_theta - v_old)
+    predict x0^+- = x_sigma - sigma v+-; their adaptively normalised x0 errors are weighted by r~ and 1 - r~.
+    Returns a scalar (fp32). With v_theta == v_old both errors are equal and the loss ignores the rewards.
+    """
+    v_pos = beta * v_theta.float() + (1 - beta) * v_old.float()  # Eq. (A1)
+    v_neg = (1 + beta) * v_old.float() - beta * v_theta.float()
+    losses = []
+    for v in (v_pos, v_neg):
+        err = x_sigma.float() - sigma.view(-1, 1, 1, 1) * v - x0.float()
+        w = per_sample_mean(err.abs()).detach().clamp_min(floor).view(-1, 1, 1, 1)
+        losses.append(per_sample_mean(err ** 2 / w))
+    r = rewards.float()
+    return 5.0 * (r * losses[0] / beta + (1 - r) * losses[1] / beta).mean()  # Eq. (A2)
 
 
 def cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, guidance_scale):
@@ -548,6 +572,9 @@ def training_sigmas(scheduler, num_steps, timestep_range):
 # ----------------------------------------------------------------------------------------------------------------
 # One CRD update: all micro-batches x training timesteps of an iteration (Alg. 1, lines 4-7)
 # ----------------------------------------------------------------------------------------------------------------
+NFT_KL_WEIGHT = 1e-4  # Eq. (A2)
+
+
 def update(transformer, params, optimizer, batch, cfg, generator, autocast, state, passes_per_step, world_size=1):
     """CRD update on one iteration's samples. Returns per-iteration means of the logged quantities.
 
@@ -559,6 +586,7 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
     """
     x0, sigmas = batch["x0"], batch["sigmas"]
     n_samples, n_timesteps = len(x0), cfg.train_timesteps
+    reference = "sampler" if cfg.objective == "nft" else "old"  # NFT's only snapshot is its sampler
     # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement
     timestep_index = torch.stack([torch.randperm(len(sigmas), generator=generator)[:n_timesteps]
                                   for _ in range(n_samples)])  # (N, T)
@@ -573,7 +601,7 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
             x_sigma = interpolate(x0[mb], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
             u = eps - x0[mb]  # Eq. (2)
             with autocast, torch.no_grad():
-                v_old = velocity(transformer, "old", x_sigma, sigma, embeds, pooled)
+                v_old = velocity(transformer, reference, x_sigma, sigma, embeds, pooled)
                 v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
                                  torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
                                  torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
@@ -581,15 +609,26 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
                 v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
             v_pre_cond, v_pre_uncond = v_pre.chunk(2)
             r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
-            loss_crd = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta,
-                                cfg.centering, cfg.loss_type)  # Eq. (7)
-            kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, cfg.kl_cfg)  # Eq. (9)
-            loss_kl = (kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
-            loss = loss_crd + loss_kl
+            if cfg.objective == "crd":
+                loss_reward = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta,
+                                       cfg.centering, cfg.loss_type)  # Eq. (7)
+            elif cfg.objective == "nft":
+                loss_reward = nft_loss(v_theta, v_old, x_sigma, x0[mb], sigma, batch["rewards_normalized"][mb],
+                                       cfg.nft_beta)  # Eqs. (A1)-(A2)
+            else:  # 'anchor': the reward-free control, only the KL term below
+                loss_reward = torch.zeros((), device=x0.device)
+            if cfg.objective == "nft":  # A2's KL: to the pretrained model without CFG, fixed small weight
+                kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, 1.0)
+                loss_kl = NFT_KL_WEIGHT * kl.mean()
+            else:
+                kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, cfg.kl_cfg)  # Eq. (9)
+                weights = kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl)  # Eq. (10)
+                loss_kl = (weights * kl).mean()
+            loss = loss_reward + loss_kl
             passes += 1
             if torch.isfinite(loss):
                 (loss / passes_per_step).backward()  # Alg. 1, line 6
-                logs.append({"loss/crd": loss_crd.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
+                logs.append({f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
                              "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()})
             elif cfg.skip_nonfinite:
                 skipped += 1
@@ -942,9 +981,9 @@ def main(cfg, eval_only=False, lora=""):
             metrics.append(log)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
-            say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss crd {log.get('loss/crd', math.nan):.4f} "
-                f"kl {log.get('loss/kl', math.nan):.5f} | r^ std {log.get('implicit_reward/std', math.nan):.4f} | "
-                f"eta old {eta_old:.3f} samp "
+            say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
+                f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
+                f"r^ std {log.get('implicit_reward/std', math.nan):.4f} | eta old {eta_old:.3f} samp "
                 f"{eta_sampler:.3f} | {log['time/iteration']:.1f}s")
         if stopping:
             say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
