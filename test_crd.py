@@ -389,6 +389,17 @@ def test_lora_adapters_start_equal_and_switch():
     assert all(p.requires_grad for p in params["theta"]) and not any(p.requires_grad for p in params["old"])
 
 
+def test_prompt_cache_serves_single_prompt_encodings_and_drops_the_least_recent():
+    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    cache, prompts = crd.PromptCache(2), ['"abc"', '"xyz"', '"abc"']
+    embeds, pooled = crd.encode_prompts(pipe, prompts, 2, cache)
+    for i, prompt in enumerate(prompts):
+        alone, alone_pooled = crd.encode_prompts(pipe, [prompt], 2)
+        assert torch.equal(embeds[i], alone[0]) and torch.equal(pooled[i], alone_pooled[0])
+    crd.encode_prompts(pipe, ['"new"'], 2, cache)
+    assert list(cache.store) == ['"abc"', '"new"']  # '"xyz"' was the least recently used
+
+
 def lora_moved(tensors):
     """True if a LoRA adapter's update B A is non-zero (peft starts B at zero); tensors alternate A, B."""
     return any((b @ a).abs().sum() > 0 for a, b in zip(tensors[::2], tensors[1::2]))
@@ -614,7 +625,8 @@ def test_sd35m_code_path_runs_on_a_tiny_pipeline_with_its_layout(tmp_path):
                               output_dir=str(tmp_path), height=32, width=32, max_sequence_length=4,
                               prompts_per_iteration=2, group_size=2, micro_batch_size=2, num_steps=3,
                               train_timesteps=1, eval_num_steps=2, eval_count=2, iterations=1, reward="ink",
-                              lora_rank=4, lora_alpha=8)
+                              lora_rank=4, lora_alpha=8, text_encoders_on_cpu=True)
+    assert cfg.prompt_cache > 0  # the preset caches text embeddings
     metrics = crd.main(cfg)
     assert len(metrics) == 1 and metrics[0]["train/step"] == 2
     assert all(math.isfinite(metrics[0][k]) for k in ("loss/crd", "loss/kl", "eval/reward"))
