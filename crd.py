@@ -190,6 +190,8 @@ class Config:
     """AdamW steps per iteration; gradients accumulate over the passes in between"""
     micro_batch_size: int = 32
     """samples per forward/backward pass; a multiple of group_size so groups stay whole"""
+    sample_batch_size: int = 64
+    """rollout images per pipeline call (no gradients; bounds sampling memory at full size)"""
     # logging / checkpoints
     sample_every: int = 5
     """save a captioned grid of rollouts every this many iterations"""
@@ -224,6 +226,8 @@ class Config:
                                      ("mixed-precision", self.mixed_precision, ("no", "bf16"))):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+        if self.sample_batch_size < 1:
+            raise ValueError(f"--sample-batch-size {self.sample_batch_size} must be >= 1")
         if self.prompt_cache < 0:
             raise ValueError(f"--prompt-cache {self.prompt_cache} must be >= 0 (0 turns the cache off)")
         if self.beta <= 0 or self.nft_beta <= 0:
@@ -248,7 +252,8 @@ def sd35m_ocr():
         max_sequence_length=256, mixed_precision="bf16", gradient_checkpointing=True, prompts_per_iteration=48,
         group_size=24, num_steps=10, eval_num_steps=40, eval_count=1018, eval_every=20,
         prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), train_timesteps=9, learning_rate=3e-4,
-        micro_batch_size=24, iterations=1000, sample_every=10, checkpoint_every=10, prompt_cache=2048)
+        micro_batch_size=24, sample_batch_size=48, iterations=1000, sample_every=10, checkpoint_every=10,
+        prompt_cache=2048)
 
 
 PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr}
@@ -865,9 +870,13 @@ def rollout(pipe, prompts, seeds, cfg, autocast, prompt_cache=None):
     prompt_embeds = prompt_embeds.repeat_interleave(cfg.group_size, dim=0)
     pooled = pooled.repeat_interleave(cfg.group_size, dim=0)
     use_adapter(pipe.transformer, "sampler" if cfg.decoupled_sampler else "theta")
-    with autocast:
-        x0 = sample_latents(pipe, prompt_embeds, pooled, seeds, cfg.height, cfg.width, cfg.num_steps,
-                            cfg.guidance_scale, cfg.max_sequence_length)
+    chunks = []
+    for start in range(0, len(seeds), cfg.sample_batch_size):
+        part = slice(start, start + cfg.sample_batch_size)
+        with autocast:
+            chunks.append(sample_latents(pipe, prompt_embeds[part], pooled[part], seeds[part], cfg.height, cfg.width,
+                                         cfg.num_steps, cfg.guidance_scale, cfg.max_sequence_length))
+    x0 = torch.cat(chunks)
     return x0.float(), prompt_embeds, pooled, decode_latents(pipe, x0)
 
 

@@ -4,6 +4,7 @@ Hand-computed values of each pure function, the invariances that make CRD correc
 changes nothing; theta = old gives a zero implicit reward; the loss vanishes when beta R^ = R; permuting a group
 permutes the per-sample terms), and main() end to end on the embedded model, with an exact resume.
 """
+import contextlib
 import copy
 import dataclasses
 import math
@@ -368,6 +369,17 @@ def test_embedded_model_loads_offline_and_samples():
     assert latents.shape == (2, 4, 16, 48)
     images = crd.decode_latents(pipe, latents)
     assert [im.size for im in images] == [(96, 32)] * 2
+
+
+def test_rollouts_in_chunks_match_one_batch():
+    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    crd.add_lora_adapters(pipe.transformer, 4, 8, crd.Config().lora_targets)
+    prompts, seeds = ['"abc"', '"hello"'], [5, 6, 7, 8]
+    whole = crd.rollout(pipe, prompts, seeds, crd.Config(group_size=2, num_steps=3), contextlib.nullcontext())
+    split = crd.rollout(pipe, prompts, seeds, crd.Config(group_size=2, num_steps=3, sample_batch_size=3),
+                        contextlib.nullcontext())
+    assert torch.allclose(whole[0], split[0], atol=1e-5) and not torch.allclose(whole[0][0], whole[0][1])
+    assert torch.equal(whole[1], split[1]) and len(split[3]) == 4
 
 
 def test_lora_adapters_start_equal_and_switch():
