@@ -32,6 +32,8 @@ Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
      (seed, i), so a resumed run repeats the exact same draws without storing RNG states.
   8. CPU default: a tiny SD3 text-rendering model shipped in assets/ (tools/pretrain_tiny.py), sizes scaled down;
      the paper's recipe is the `sd35m_ocr` preset.
+  9. For comparisons, --objective nft swaps in the DiffusionNFT loss (Appendix A; reference = its sampler
+     snapshot, KL 1e-4 to the pretrained model without CFG) and --objective anchor keeps only the KL term.
 
 Launch:
   python crd.py --reward ocr                                       # CPU, embedded tiny model, ~12 min
@@ -527,9 +529,10 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
 
     Samples one image per prompt with seeds seed, seed+1, ... (the same noise for every model compared), scores
     them with `reward_fn` and returns dict(reward=mean in [0, 1], exact=fraction scoring 1.0, n=len(prompts),
-    rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples).
+    rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples, and two reward-hacking signs:
+    pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02).
     """
-    rewards, images = [], []
+    rewards, images, pixel_stds = [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         embeds, pooled = encode_prompts(pipe, batch, max_sequence_length, prompt_cache)
@@ -537,10 +540,12 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
                                  width, num_steps, guidance_scale, max_sequence_length)
         batch_images = decode_latents(pipe, latents)
         rewards.append(reward_fn(batch_images, batch)[0])
+        pixel_stds += [float(np.asarray(im.convert("L"), dtype=np.float32).std() / 255) for im in batch_images]
         images += batch_images[: max(grid_size - len(images), 0)]
     rewards = torch.cat(rewards)
     captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     return {"reward": float(rewards.mean()), "exact": float((rewards == 1.0).float().mean()), "n": len(prompts),
+            "pixel_std": float(np.mean(pixel_stds)), "blank": float(np.mean(np.array(pixel_stds) < 0.02)),
             "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
 
 
@@ -920,6 +925,9 @@ def main(cfg, eval_only=False, lora=""):
             pipe.load_lora_weights(lora)
         result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
         result["grid"].save(os.path.join(run_dir, "eval_grid.png"))
+        with open(os.path.join(run_dir, "eval.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
+                "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
         say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
             f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps); grid in {run_dir}/eval_grid.png")
         return result
@@ -952,6 +960,7 @@ def main(cfg, eval_only=False, lora=""):
             result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
             result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
             log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
+                        "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
                         "time/eval": time.time() - t0})
             say(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
                 f"(exact {result['exact']:.3f}, {result['n']} prompts)")
