@@ -904,10 +904,11 @@ def main(cfg, eval_only=False, lora=""):
     say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
     n_local, passes, passes_per_step = cfg.sizes(world_size)
     prompts_local = cfg.prompts_per_iteration // world_size
-    say(f"CRD on {world_size} x {device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} samples = "
-        f"{cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per process; {passes} "
-        f"passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per process -> "
-        f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
+    if not eval_only:
+        say(f"CRD on {world_size} x {device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} samples = "
+            f"{cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per process; {passes} "
+            f"passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per process -> "
+            f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
 
     reward_fn = make_reward(cfg.reward, device)
     pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
