@@ -653,18 +653,15 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
                 v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
             v_pre_cond, v_pre_uncond = v_pre.chunk(2)
             r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
-            if cfg.objective == "crd":
-                loss_reward = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta,
-                                       cfg.centering, cfg.loss_type)  # Eq. (7)
-            elif cfg.objective == "nft":
+            if cfg.objective == "nft":  # the baseline, Eqs. (A1)-(A2): KL to the pretrained model without CFG
                 loss_reward = nft_loss(v_theta, v_old, x_sigma, x0[mb], sigma, batch["rewards_normalized"][mb],
-                                       cfg.nft_beta)  # Eqs. (A1)-(A2)
-            else:  # 'anchor': the reward-free control, only the KL term below
-                loss_reward = torch.zeros((), device=x0.device)
-            if cfg.objective == "nft":  # A2's KL: to the pretrained model without CFG, fixed small weight
+                                       cfg.nft_beta)
                 kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, 1.0)
                 loss_kl = NFT_KL_WEIGHT * kl.mean()
             else:
+                loss_reward = (crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta,
+                                        cfg.centering, cfg.loss_type) if cfg.objective == "crd"  # Eq. (7)
+                               else torch.zeros((), device=x0.device))  # 'anchor': reward-free control, KL only
                 kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, cfg.kl_cfg)  # Eq. (9)
                 weights = kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl)  # Eq. (10)
                 loss_kl = (weights * kl).mean()
@@ -672,7 +669,8 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
             passes += 1
             if torch.isfinite(loss):
                 (loss / passes_per_step).backward()  # Alg. 1, line 6
-                logs.append({f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
+                logs.append({f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(),
+                             "kl/anchor": kl.mean().item(),
                              "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()})
             elif cfg.skip_nonfinite:
                 skipped += 1

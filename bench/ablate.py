@@ -74,8 +74,8 @@ def final_eval(run_dir):
     path = os.path.join(run_dir, "final", "eval.json")
     if not os.path.isfile(path):
         name = os.path.relpath(os.path.join(run_dir, "final"), OUT)
-        subprocess.run([sys.executable, "crd.py", "--eval", "--reward", "ocr", "--lora", os.path.join(run_dir, "lora"),
-                        "--output-dir", OUT, "--run-name", name], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "crd.py", "--eval", "--reward", "ocr", "--output-dir", OUT,
+                        "--lora", os.path.join(run_dir, "lora"), "--run-name", name], cwd=ROOT, check=True)
     with open(path) as f:
         return json.load(f)
 
