@@ -1013,11 +1013,12 @@ def main(cfg, eval_only=False, lora=""):
         log["time/train"] = time.time() - t0
 
         # Alg. 1, line 8: move the slow reference and the sampler toward theta (Eq. 8)
-        eta_old = ema_decay(state["step"], cfg.old_decay_start, cfg.old_decay_rate, cfg.old_decay_max)
-        eta_sampler = ema_decay(state["step"], 0.0, cfg.sampler_decay_rate, cfg.sampler_decay_max,
-                                cfg.sampler_decay_delay)
-        ema_update(params["old"], params["theta"], eta_old if cfg.slow_reference else 0.0)
-        ema_update(params["sampler"], params["theta"], eta_sampler if cfg.decoupled_sampler else 0.0)
+        eta_old = (ema_decay(state["step"], cfg.old_decay_start, cfg.old_decay_rate, cfg.old_decay_max)
+                   if cfg.slow_reference else 0.0)  # off: old = theta (hard copy)
+        eta_sampler = (ema_decay(state["step"], 0.0, cfg.sampler_decay_rate, cfg.sampler_decay_max,
+                                 cfg.sampler_decay_delay) if cfg.decoupled_sampler else 0.0)
+        ema_update(params["old"], params["theta"], eta_old)
+        ema_update(params["sampler"], params["theta"], eta_sampler)
         log.update({"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": state["step"]})
 
         state["iteration"] = iteration + 1

@@ -466,6 +466,15 @@ def test_baseline_and_reward_free_control_objectives_train_end_to_end(tmp_path, 
     assert lora_moved(checkpoint["lora"]["theta"])
 
 
+def test_slow_reference_and_sampler_off_copy_theta_and_log_zero_decay(tmp_path):
+    metrics = crd.main(tiny_config(tmp_path, iterations=1, slow_reference=False, decoupled_sampler=False))
+    assert metrics[0]["ema/eta_old"] == metrics[0]["ema/eta_sampler"] == 0.0
+    lora = torch.load(tmp_path / "test" / "checkpoint.pt", weights_only=False)["lora"]
+    assert lora_moved(lora["theta"])
+    for name in ("old", "sampler"):
+        assert all(torch.equal(a, b) for a, b in zip(lora[name], lora["theta"])), name
+
+
 def test_resume_refuses_a_changed_algorithm(tmp_path):
     crd.main(tiny_config(tmp_path, iterations=1))
     with pytest.raises(ValueError, match="beta: 1.0 -> 0.5"):
