@@ -646,12 +646,15 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
             u = eps - x0[mb]  # Eq. (2)
             with autocast, torch.no_grad():
                 v_old = velocity(transformer, reference, x_sigma, sigma, embeds, pooled)
-                v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
-                                 torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
-                                 torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
+                if cfg.objective == "nft":  # A2's KL needs only the conditional pretrained velocity
+                    v_pre_cond = v_pre_uncond = velocity(transformer, None, x_sigma, sigma, embeds, pooled)
+                else:
+                    v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
+                                     torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
+                                     torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
+                    v_pre_cond, v_pre_uncond = v_pre.chunk(2)
             with autocast:
                 v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
-            v_pre_cond, v_pre_uncond = v_pre.chunk(2)
             r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
             if cfg.objective == "nft":  # the baseline, Eqs. (A1)-(A2): KL to the pretrained model without CFG
                 loss_reward = nft_loss(v_theta, v_old, x_sigma, x0[mb], sigma, batch["rewards_normalized"][mb],
