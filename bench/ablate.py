@@ -7,9 +7,11 @@ and an interrupted one resumed (`--resume auto`), so the grid can be filled in p
     python bench/ablate.py --variants crd,nft,anchor-only --seeds 0,1,2   # ~12 min per run on 2 CPU cores
     python bench/ablate.py --report                                        # docs/ablation*.csv, docs/ablation.png
 
-The report reads each run's metrics.jsonl (held-out OCR reward of theta, no CFG, every 15 iterations) and scores
-its final LoRA once more with `crd.py --eval --lora` for the reward-hacking signs (fraction of near-blank images,
-mean per-image grey-level std). Variants with fewer seeds than asked are reported with the seeds they have.
+The report reads each run's metrics.jsonl (held-out OCR reward of theta, no CFG, every 15 iterations, with the
+reward-hacking signs: fraction of near-blank images, mean per-image grey-level std). `--report --rescore` scores
+each saved final LoRA once more with `crd.py --eval --lora` instead (a check that the saved LoRA, loaded the
+diffusers way, is the model that was evaluated; ~1 min per run). Variants with fewer seeds than asked are reported
+with the seeds they have.
 """
 import argparse
 import csv
@@ -80,11 +82,20 @@ def final_eval(run_dir):
         return json.load(f)
 
 
+def final_scores(run_dir, iterations, rescore=False):
+    """Held-out scores of a finished run's final model: its own last evaluation from metrics.jsonl, or a re-score
+    of the saved LoRA (with `rescore`, or for runs logged before pixel_std / blank were recorded)."""
+    last = next(m for m in read_metrics(run_dir) if m.get("eval/iteration") == iterations)
+    if rescore or "eval/pixel_std" not in last:
+        return final_eval(run_dir)
+    return {k: last[f"eval/{k}"] for k in ("reward", "exact", "blank", "pixel_std")}
+
+
 def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
 
 
-def report(iterations):
+def report(iterations, rescore=False):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +108,7 @@ def report(iterations):
             if not finished(run_dir, iterations):
                 continue
             evals = [(m["eval/iteration"], m["eval/reward"]) for m in read_metrics(run_dir) if "eval/reward" in m]
-            final = final_eval(run_dir)
+            final = final_scores(run_dir, iterations, rescore)
             reached = [i for i, r in evals if r >= THRESHOLD]
             rows.append({"variant": variant, "seed": seed, "final_reward": dict(evals)[iterations],
                          "final_exact": final["exact"], "iterations_to_threshold": reached[0] if reached else "",
@@ -159,9 +170,10 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
     parser.add_argument("--iterations", type=int, default=75, help="CRD iterations per run (the CPU default: 75)")
     parser.add_argument("--report", action="store_true", help="only aggregate finished runs into docs/")
+    parser.add_argument("--rescore", action="store_true", help="with --report: re-score every saved final LoRA")
     args = parser.parse_args()
     if args.report:
-        report(args.iterations)
+        report(args.iterations, args.rescore)
     else:
         unknown = set(args.variants.split(",")) - set(VARIANTS)
         if unknown:
