@@ -82,10 +82,10 @@ def final_eval(run_dir):
         return json.load(f)
 
 
-def final_scores(run_dir, iterations, rescore=False):
-    """Held-out scores of a finished run's final model: its own last evaluation from metrics.jsonl, or a re-score
-    of the saved LoRA (with `rescore`, or for runs logged before pixel_std / blank were recorded)."""
-    last = next(m for m in read_metrics(run_dir) if m.get("eval/iteration") == iterations)
+def final_scores(run_dir, metrics, iterations, rescore=False):
+    """Held-out scores of a finished run's final model: its own last evaluation in `metrics` (its metrics.jsonl),
+    or a re-score of the saved LoRA (with `rescore`, or for runs logged before pixel_std / blank were recorded)."""
+    last = next(m for m in metrics if m.get("eval/iteration") == iterations)
     if rescore or "eval/pixel_std" not in last:
         return final_eval(run_dir)
     return {k: last[f"eval/{k}"] for k in ("reward", "exact", "blank", "pixel_std")}
@@ -107,8 +107,9 @@ def report(iterations, rescore=False):
             run_dir = os.path.join(OUT, f"{variant}-s{seed}")
             if not finished(run_dir, iterations):
                 continue
-            evals = [(m["eval/iteration"], m["eval/reward"]) for m in read_metrics(run_dir) if "eval/reward" in m]
-            final = final_scores(run_dir, iterations, rescore)
+            metrics = read_metrics(run_dir)
+            evals = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
+            final = final_scores(run_dir, metrics, iterations, rescore)
             reached = [i for i, r in evals if r >= THRESHOLD]
             rows.append({"variant": variant, "seed": seed, "final_reward": dict(evals)[iterations],
                          "final_exact": final["exact"], "iterations_to_threshold": reached[0] if reached else "",
