@@ -151,8 +151,7 @@ def report(iterations, rescore=False):
             runs = curves[variant]
             steps = [i for i, _ in runs[0]]
             values = [[dict(r)[i] for r in runs] for i in steps]
-            means = [statistics.mean(v) for v in values]
-            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            means, spread = zip(*(mean_std(v) for v in values))
             style = dict(color="black", lw=2.5, zorder=5) if variant == "crd" else dict(lw=1.2)
             line, = ax.plot(steps, means, marker="o", ms=3, label=f"{variant} ({len(runs)} seeds)", **style)
             if bands or variant == "crd":
