@@ -14,8 +14,9 @@ on the rendered training images; (3) encode the training set once and write the 
 VAE config as shift_factor / scaling_factor; (4) train transformer + both text encoders jointly with the
 rectified-flow loss of CRD_SPEC.md Eqs. (1)-(2) (logit-normal sigma, 10 % prompt dropout so that CFG works);
 (5) every --eval-every steps from --eval-from on, score the model on the validation targets (10 Euler steps, no
-CFG, OCR reward) and keep a copy; (6) save the copy whose validation reward is closest to --target-reward (the
-base model must leave CRD headroom), with save_pretrained, to --out.
+CFG, OCR reward) and keep a copy; (6) save the copy of step --keep-step (5,750 by default, the shipped model; the
+run stops there), or with --keep-step 0 the copy whose validation reward is closest to --target-reward, with
+save_pretrained, to --out. --snapshot-dir also saves every copy, to compare candidate bases afterwards.
 
     python tools/pretrain_tiny.py                  # ~30 min on 2 CPU cores; writes assets/tiny-sd3-text
 """
@@ -150,7 +151,14 @@ def main():
     parser.add_argument("--target-reward", type=float, default=0.35, help="keep the checkpoint closest to this")
     parser.add_argument("--stop-reward", type=float, default=0.55, help="stop once validation reward exceeds this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--snapshot-dir", default="", help="also save every validated snapshot here as step_<n>/")
+    parser.add_argument("--keep-step", type=int, default=5750,
+                        help="keep this validated step and stop there (0: keep the one closest to --target-reward)")
     args = parser.parse_args()
+    if args.keep_step and not (args.eval_from <= args.keep_step <= args.steps
+                               and (args.keep_step - args.eval_from) % args.eval_every == 0):
+        parser.error(f"--keep-step {args.keep_step} is not a validated step: use {args.eval_from} + a multiple of "
+                     f"--eval-every {args.eval_every}, at most --steps {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -226,11 +234,13 @@ def main():
             print(f"step {step}: validation OCR reward {result['reward']:.3f} (exact {result['exact']:.3f}) "
                   f"at {time.time() - started:.0f}s", flush=True)
             snapshots[step] = [copy.deepcopy(m.state_dict()) for m in modules]
-            if result["reward"] > args.stop_reward:
+            if args.snapshot_dir:  # a full pipeline per snapshot, to compare candidate bases afterwards
+                pipe.save_pretrained(os.path.join(args.snapshot_dir, f"step_{step}"), safe_serialization=True)
+            if step == args.keep_step or (not args.keep_step and result["reward"] > args.stop_reward):
                 break
 
-    # (6) keep the snapshot closest to the target reward, save as a diffusers pipeline
-    best = min(history, key=lambda h: abs(h["val_reward"] - args.target_reward))
+    # (6) keep the snapshot at --keep-step (where the loop stopped) or the one closest to the target reward; save it
+    best = history[-1] if args.keep_step else min(history, key=lambda h: abs(h["val_reward"] - args.target_reward))
     for m, state in zip(modules, snapshots[best["step"]]):
         m.load_state_dict(state)
     pipe.save_pretrained(args.out, safe_serialization=True)
