@@ -148,8 +148,10 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-from", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--target-reward", type=float, default=0.35, help="with --keep-step 0: keep the checkpoint closest to this")
-    parser.add_argument("--stop-reward", type=float, default=0.55, help="with --keep-step 0: stop once validation reward exceeds this")
+    parser.add_argument("--target-reward", type=float, default=0.35,
+                        help="with --keep-step 0: keep the checkpoint closest to this")
+    parser.add_argument("--stop-reward", type=float, default=0.55,
+                        help="with --keep-step 0: stop once validation reward exceeds this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--snapshot-dir", default="", help="also save every validated snapshot here as step_<n>/")
     parser.add_argument("--keep-step", type=int, default=5750,
