@@ -279,10 +279,12 @@ def parse_args(argv=None):
     parser.add_argument("--lora", default="", help="with --eval: a LoRA folder saved by a run (runs/NAME/lora)")
     for f in dataclasses.fields(Config):
         value, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        text = docs[f.name].replace("%", "%%")  # argparse formats help with %: a bare % would crash --help
         if isinstance(value, bool):
-            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=docs[f.name])
+            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, default=value, type=type(value), help=f"{docs[f.name]} (default: {value})")
+            parser.add_argument(flag, default=value, type=type(value),
+                                help=f"{text} (default: {str(value).replace('%', '%%')})")
     args = parser.parse_args(argv)
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}), args
 

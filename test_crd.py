@@ -313,6 +313,17 @@ def test_cli_exposes_every_config_field():
     assert set(crd.field_docs(crd.Config)) == {f.name for f in dataclasses.fields(crd.Config)}
 
 
+@pytest.mark.parametrize("preset", sorted(crd.PRESETS))
+def test_help_prints_and_exits_zero_for_every_preset(preset):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(crd.__file__), "crd.py"), "--preset", preset,
+                          "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--group-size" in out.stdout and "Traceback" not in out.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rewards
 # ---------------------------------------------------------------------------------------------------------------
