@@ -26,6 +26,8 @@ Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
   3. Eq. (10) uses the normalised reward r~ of Eq. (6) (the port); --kl-reward raw uses r.
   4. Training timesteps: T per sample per iteration, drawn without replacement from the first
      floor(timestep_range * num_steps) steps of the sampler schedule (--train-timesteps; 9 = all, as DiffusionNFT).
+     All samples of a pass share its timestep, as in the port, so Eq. (7) centres r^ of one noise level
+     (--no-shared-timesteps: one draw per sample). The noise eps is fresh per sample (--group-noise: per group).
   5. Rollouts: the pipeline's own deterministic Euler sampler (FlowMatchEulerDiscreteScheduler), no DPM-Solver.
   6. The std in Eq. (6) is the population std over all samples of the iteration (numpy's default, as NFT).
   7. All randomness of iteration i (prompts, sampling seeds, training noise) comes from generators seeded by
@@ -34,6 +36,8 @@ Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
      the paper's recipe is the `sd35m_ocr` preset.
   9. For comparisons, --objective nft swaps in the DiffusionNFT loss (Appendix A; reference = its sampler
      snapshot, KL 1e-4 to the pretrained model without CFG) and --objective anchor keeps only the KL term.
+ 10. Diagnostics of the reward term (crd/corr, crd/explained, ema/tau_*) and an unseen metric at every held-out
+     evaluation (--eval-rewards, default ppocr: the same OCR reward read by a second engine) are logged.
 
 Launch:
   python crd.py --reward ocr                                       # CPU, embedded tiny model, ~12 min
@@ -50,11 +54,13 @@ import argparse
 import ast
 import collections
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -63,6 +69,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
 TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
+
+
+class InputError(ValueError):
+    """A mistake in what the user passed: a flag, a file, a checkpoint, a model or LoRA folder, the environment.
+
+    The command line prints it as one line with no traceback and exits with status 2; bugs keep their traceback.
+    """
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,8 +134,10 @@ class Config:
     eval_prompts: str = os.path.join(TINY_DATA, "heldout.txt")
     """held-out prompts, never trained on"""
     eval_count: int = 256
-    """held-out prompts scored per evaluation (the first ones of the file)"""
-    eval_every: int = 15
+    """held-out prompts scored per evaluation: lines [eval_start, eval_start + eval_count) of the file"""
+    eval_start: int = 0
+    """first held-out prompt scored (0-based line index; e.g. 256 scores prompts 257-512 of data/tiny_ocr)"""
+    eval_every: int = 25
     """evaluate every this many iterations (and before the first and after the last); 0 = only those two"""
     eval_num_steps: int = 10
     """Euler steps at evaluation"""
@@ -131,6 +146,12 @@ class Config:
     # reward
     reward: str = "ocr"
     """reward name in reward.REWARDS"""
+    eval_rewards: str = "ppocr"
+    """comma-separated rewards also scored at every held-out evaluation but never optimised (unseen metrics; ppocr =
+    the OCR reward read by PaddleOCR's PP-OCRv4, a second engine); '' = none"""
+    ocr_detection: bool = False
+    """OCR rewards detect text boxes before reading them (full-size images); off: the recogniser reads the whole
+    image as one line (the tiny model's 96x32 single-line renders, ~2x faster)"""
     # CRD loss
     objective: str = "crd"
     """'crd' (Eqs. 5-10), 'nft' (DiffusionNFT baseline, Appendix A) or 'anchor' (reward-free control: KL only)"""
@@ -146,6 +167,12 @@ class Config:
     """Eq. (7) regression: 'mse' or 'bce' (BCEWithLogits(beta R^, sigmoid(R)))"""
     train_timesteps: int = 3
     """T: training timesteps per sample per iteration, from the sampler schedule"""
+    shared_timesteps: bool = True
+    """all samples of a pass share its sigma (the port), so centring compares samples at one noise level; off:
+    each sample draws its own"""
+    group_noise: bool = False
+    """the K samples of a prompt share the noise eps of a pass (common random numbers: the within-group
+    differences of r^ then come from the samples, not from the noise); off: fresh eps per sample (the port)"""
     timestep_range: float = 0.99
     """keep the first floor(timestep_range * num_steps) schedule steps for training (drops the near-clean tail)"""
     # drift control
@@ -199,47 +226,71 @@ class Config:
     """save a captioned grid of rollouts every this many iterations"""
     checkpoint_every: int = 1
     """write runs/<run_name>/checkpoint.pt every this many iterations (and at the end, or when stopped)"""
+    log_to: str = ""
+    """live curves besides metrics.jsonl: 'tensorboard' (runs/<run_name>/tensorboard) or 'wandb' (WANDB_MODE=offline
+    works offline); '' = metrics.jsonl only"""
 
     def validate(self, world_size=1):
-        """Raise ValueError naming the field and the fix for impossible settings, before any expensive work."""
+        """Raise InputError naming the field and the fix for impossible settings, before any expensive work."""
+        for f in dataclasses.fields(self):  # ranges first: every later check may divide by these
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if f.name in POSITIVE_FIELDS and not value > 0:
+                raise InputError(f"{flag} {value} must be > 0")
+            if f.name in NON_NEGATIVE_FIELDS and not value >= 0:
+                raise InputError(f"{flag} {value} must be >= 0")
+            if f.name in FRACTION_FIELDS and not 0 <= value < 1:
+                raise InputError(f"{flag} {value} must be in [0, 1)")
+        if self.timestep_range > 1:
+            raise InputError(f"--timestep-range {self.timestep_range} must be in (0, 1]")
         if self.group_size < 2:
-            raise ValueError(f"--group-size {self.group_size}: centring within a prompt needs K >= 2 samples")
+            raise InputError(f"--group-size {self.group_size}: centring within a prompt needs K >= 2 samples")
         if self.micro_batch_size % self.group_size:
-            raise ValueError(f"--micro-batch-size {self.micro_batch_size} is not a multiple of --group-size "
+            raise InputError(f"--micro-batch-size {self.micro_batch_size} is not a multiple of --group-size "
                              f"{self.group_size}: micro-batches must hold whole prompt groups")
         if self.prompts_per_iteration % world_size:
-            raise ValueError(f"--prompts-per-iteration {self.prompts_per_iteration} is not divisible by the "
+            raise InputError(f"--prompts-per-iteration {self.prompts_per_iteration} is not divisible by the "
                              f"{world_size} processes")
         samples, passes, _ = self.sizes(world_size)
         if samples % self.micro_batch_size:
-            raise ValueError(f"{samples} samples per process are not a whole number of micro-batches of "
+            raise InputError(f"{samples} samples per process are not a whole number of micro-batches of "
                              f"{self.micro_batch_size}; change --micro-batch-size or --prompts-per-iteration")
         if passes % self.optimizer_steps_per_iteration:
-            raise ValueError(f"{passes} forward/backward passes per iteration cannot be split into "
+            raise InputError(f"{passes} forward/backward passes per iteration cannot be split into "
                              f"{self.optimizer_steps_per_iteration} optimizer steps; change "
                              f"--optimizer-steps-per-iteration or --train-timesteps")
         if not 1 <= self.train_timesteps <= int(self.timestep_range * self.num_steps):
-            raise ValueError(f"--train-timesteps {self.train_timesteps} must be in [1, "
+            raise InputError(f"--train-timesteps {self.train_timesteps} must be in [1, "
                              f"{int(self.timestep_range * self.num_steps)}] (the kept schedule steps)")
         for name, value, allowed in (("centering", self.centering, ("prompt", "batch")),
                                      ("objective", self.objective, ("crd", "nft", "anchor")),
                                      ("loss-type", self.loss_type, ("mse", "bce")),
                                      ("kl-reward", self.kl_reward, ("normalized", "raw")),
-                                     ("mixed-precision", self.mixed_precision, ("no", "bf16"))):
+                                     ("mixed-precision", self.mixed_precision, ("no", "bf16")),
+                                     ("log-to", self.log_to, ("", "tensorboard", "wandb"))):
             if value not in allowed:
-                raise ValueError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+                raise InputError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
         if self.sample_batch_size < 1:
-            raise ValueError(f"--sample-batch-size {self.sample_batch_size} must be >= 1")
+            raise InputError(f"--sample-batch-size {self.sample_batch_size} must be >= 1")
         if self.prompt_cache < 0:
-            raise ValueError(f"--prompt-cache {self.prompt_cache} must be >= 0 (0 turns the cache off)")
+            raise InputError(f"--prompt-cache {self.prompt_cache} must be >= 0 (0 turns the cache off)")
         if self.beta <= 0 or self.nft_beta <= 0:
-            raise ValueError(f"--beta {self.beta} and --nft-beta {self.nft_beta} must be > 0")
+            raise InputError(f"--beta {self.beta} and --nft-beta {self.nft_beta} must be > 0")
 
     def sizes(self, world_size=1):
         """Derived sizes, computed in one place: (samples per process, passes per iteration, passes per step)."""
         samples = self.prompts_per_iteration // world_size * self.group_size
         passes = samples // self.micro_batch_size * self.train_timesteps
         return samples, passes, passes // self.optimizer_steps_per_iteration
+
+
+POSITIVE_FIELDS = {"iterations", "height", "width", "lora_rank", "lora_alpha", "prompts_per_iteration", "group_size",
+                   "num_steps", "eval_count", "eval_num_steps", "guidance_scale", "eval_guidance_scale", "beta",
+                   "nft_beta", "train_timesteps", "timestep_range", "learning_rate", "adam_eps", "max_grad_norm",
+                   "optimizer_steps_per_iteration", "micro_batch_size", "sample_batch_size", "sample_every",
+                   "checkpoint_every", "max_sequence_length"}
+NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "kl_beta", "kl_cfg", "weight_decay", "old_decay_rate",
+                       "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
+FRACTION_FIELDS = {"adam_beta1", "adam_beta2", "old_decay_start", "old_decay_max", "sampler_decay_max"}
 
 
 def tiny_ocr():
@@ -255,7 +306,7 @@ def sd35m_ocr():
         group_size=24, num_steps=10, eval_num_steps=40, eval_count=1018, eval_every=20,
         prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), train_timesteps=9, learning_rate=3e-4,
         micro_batch_size=24, sample_batch_size=48, iterations=1000, sample_every=10, checkpoint_every=10,
-        prompt_cache=2048)
+        prompt_cache=2048, ocr_detection=True)
 
 
 PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr}
@@ -277,6 +328,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[preset_parser])
     parser.add_argument("--eval", action="store_true", help="only evaluate --model (+ --lora) on --eval-prompts")
     parser.add_argument("--lora", default="", help="with --eval: a LoRA folder saved by a run (runs/NAME/lora)")
+    parser.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors (also CRD_DEBUG=1)")
     for f in dataclasses.fields(Config):
         value, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
         text = docs[f.name].replace("%", "%%")  # argparse formats help with %: a bare % would crash --help
@@ -359,6 +412,19 @@ def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt"
     return (5.0 / beta) * ((predicted - target) ** 2).mean()
 
 
+def within_group_correlation(x, y, group_size):
+    """Diagnostic of Eq. (7): Pearson correlation of x and y inside each prompt group, averaged over the groups.
+
+    x, y: (N,) with groups of `group_size` contiguous (e.g. the implicit rewards r^ and the rewards r~). Groups
+    where x or y is constant are left out; returns a float in [-1, 1], or nan if every group is. Near 0 means
+    the implicit reward does not rank a prompt's samples as the reward does: the regression is not learning.
+    """
+    x, y = (group_center(v.detach().float(), group_size).view(-1, group_size) for v in (x, y))
+    norm = x.norm(dim=1) * y.norm(dim=1)
+    valid = norm > 1e-12
+    return float(((x * y).sum(dim=1)[valid] / norm[valid]).mean()) if valid.any() else math.nan
+
+
 def nft_loss(v_theta, v_old, x_sigma, x0, sigma, rewards, beta=1.0, floor=1e-5):
     """The DiffusionNFT baseline loss, Eqs. (A1)-(A2) without their KL term (for side-by-side comparisons).
 
@@ -420,17 +486,18 @@ def ema_update(target, source, decay):
 # Model: load the pipeline, LoRA adapters theta / old / sampler, sampling, evaluation
 # ----------------------------------------------------------------------------------------------------------------
 def check_model(model):
-    """Raise FileNotFoundError if `model` looks like a local path but is not a saved diffusers pipeline."""
+    """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline."""
     looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
     if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise FileNotFoundError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
-                                f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
+        raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
+                         f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
 
 
 def load_pipeline(model, dtype=torch.float32, device="cpu"):
     """Load a `StableDiffusion3Pipeline` from a local directory or a hub id (e.g. the embedded tiny model).
 
-    Raises FileNotFoundError if `model` looks like a local path but holds no `model_index.json`.
+    Raises InputError if `model` looks like a local path but holds no `model_index.json`, or cannot be loaded
+    (a hub id with no network, or one not in the local cache with HF_HUB_OFFLINE=1).
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -440,7 +507,12 @@ def load_pipeline(model, dtype=torch.float32, device="cpu"):
     if os.path.isfile(index):
         with open(index) as f:
             absent = {k: None for k, v in json.load(f).items() if isinstance(v, list) and v[0] is None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **absent)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **absent)
+    except OSError as error:  # the hub could not be reached, or a file is missing
+        raise InputError(f"cannot load --model {model!r} ({str(error).splitlines()[0]}). A hub id needs the network "
+                         f"and, for SD3.5-M, a login; with HF_HUB_OFFLINE=1 only models already in the local cache "
+                         f"load. Or pass a local folder written by save_pretrained.") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -526,15 +598,16 @@ def image_grid(images, captions, columns=8, caption_height=12):
 
 @torch.no_grad()
 def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=1.0, max_sequence_length=2,
-             batch_size=64, seed=0, grid_size=32, prompt_cache=None):
+             batch_size=64, seed=0, grid_size=32, prompt_cache=None, unseen=None):
     """Score a pipeline (with whatever LoRA adapter is active) on a prompt set.
 
     Samples one image per prompt with seeds seed, seed+1, ... (the same noise for every model compared), scores
     them with `reward_fn` and returns dict(reward=mean in [0, 1], exact=fraction scoring 1.0, n=len(prompts),
     rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples, and two reward-hacking signs:
-    pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02).
+    pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02), and
+    unseen={name: mean reward} for the rewards of `unseen` ({name: reward fn}, scored on the same images).
     """
-    rewards, images, pixel_stds = [], [], []
+    rewards, images, pixel_stds, unseen = [], [], [], {name: [] for name in (unseen or {})} | {"fns": unseen or {}}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         embeds, pooled = encode_prompts(pipe, batch, max_sequence_length, prompt_cache)
@@ -542,26 +615,31 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
                                  width, num_steps, guidance_scale, max_sequence_length)
         batch_images = decode_latents(pipe, latents)
         rewards.append(reward_fn(batch_images, batch)[0])
+        for name, fn in unseen["fns"].items():
+            unseen[name].append(fn(batch_images, batch)[0])
         pixel_stds += [float(np.asarray(im.convert("L"), dtype=np.float32).std() / 255) for im in batch_images]
         images += batch_images[: max(grid_size - len(images), 0)]
     rewards = torch.cat(rewards)
     captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     return {"reward": float(rewards.mean()), "exact": float((rewards == 1.0).float().mean()), "n": len(prompts),
             "pixel_std": float(np.mean(pixel_stds)), "blank": float(np.mean(np.array(pixel_stds) < 0.02)),
-            "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
+            "unseen": {name: float(torch.cat(unseen[name]).mean()) for name in unseen["fns"]}, "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
 
 
 def read_prompts(path):
-    """Read one prompt per non-empty line. Raises FileNotFoundError / ValueError (empty file) with the path."""
+    """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
     if not path:
-        raise ValueError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
+        raise InputError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
                          "prompts of the paper are not shipped, and data/ocr_test.txt is for evaluation only)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+        raise InputError(f"prompt file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise InputError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     if not prompts:
-        raise ValueError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
+        raise InputError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
     return prompts
 
 
@@ -633,17 +711,24 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
     x0, sigmas = batch["x0"], batch["sigmas"]
     n_samples, n_timesteps = len(x0), cfg.train_timesteps
     reference = "sampler" if cfg.objective == "nft" else "old"  # NFT's only snapshot is its sampler
-    # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement
+    # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement; with
+    # shared_timesteps every sample of a micro-batch gets the same T steps, so a group's r^ share one noise level
+    n_draws = n_samples // cfg.micro_batch_size if cfg.shared_timesteps else n_samples
     timestep_index = torch.stack([torch.randperm(len(sigmas), generator=generator)[:n_timesteps]
-                                  for _ in range(n_samples)])  # (N, T)
-    logs, grad_norms, passes, skipped = [], [], 0, 0
+                                  for _ in range(n_draws)])
+    timestep_index = timestep_index.repeat_interleave(n_samples // n_draws, dim=0)  # (N, T)
+    logs, grad_norms, passes, skipped, fit_error, target_power = [], [], 0, 0, 0.0, 0.0
     for start in range(0, n_samples, cfg.micro_batch_size):  # Alg. 1, line 4: whole prompt groups
         mb = slice(start, start + cfg.micro_batch_size)
         embeds, pooled = batch["prompt_embeds"][mb], batch["pooled"][mb]
         size = len(embeds)
         for j in range(n_timesteps):  # Alg. 1, line 5
             sigma = sigmas[timestep_index[mb, j]].to(x0.device)  # (B,)
-            eps = torch.randn(x0[mb].shape, generator=generator).to(x0.device)
+            if cfg.group_noise:  # one eps per prompt group, repeated for its K samples
+                eps = torch.randn((size // cfg.group_size, *x0.shape[1:]), generator=generator)
+                eps = eps.repeat_interleave(cfg.group_size, dim=0).to(x0.device)
+            else:
+                eps = torch.randn(x0[mb].shape, generator=generator).to(x0.device)
             x_sigma = interpolate(x0[mb], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
             u = eps - x0[mb]  # Eq. (2)
             with autocast, torch.no_grad():
@@ -674,9 +759,17 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
             passes += 1
             if torch.isfinite(loss):
                 (loss / passes_per_step).backward()  # Alg. 1, line 6
+                # is the regression of Eq. (7) learning? R^ vs R inside each group, and the part of R it explains
+                target = group_center(batch["rewards_normalized"][mb].float(), cfg.group_size, cfg.centering)
+                predicted = cfg.beta * group_center(r_hat.detach(), cfg.group_size, cfg.centering)
+                fit_error += float(((predicted - target) ** 2).sum())
+                target_power += float((target ** 2).sum())
                 logs.append({f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(),
                              "kl/anchor": kl.mean().item(),
-                             "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item()})
+                             "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item(),
+                             "crd/corr": within_group_correlation(r_hat, batch["rewards_normalized"][mb],
+                                                                  cfg.group_size),
+                             "crd/R_hat_std": predicted.std().item(), "crd/R_std": target.std().item()})
             elif cfg.skip_nonfinite:
                 skipped += 1
             else:
@@ -695,16 +788,18 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, stat
                                              f"{state['iteration']}, optimizer step {state['step']}")
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
-    means = {key: float(np.mean([l[key] for l in logs])) for key in (logs[0] if logs else {})}
+    finite = {key: [l[key] for l in logs if not math.isnan(l[key])] for key in (logs[0] if logs else {})}
+    means = {key: float(np.mean(values)) if values else math.nan for key, values in finite.items()}
+    explained = 1 - fit_error / target_power if target_power > 0 else math.nan  # <= 0: Eq. (7) fits nothing
     return means | {"train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
-                    "train/skipped": skipped}
+                    "train/skipped": skipped, "crd/explained": explained}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints, outputs
 # ----------------------------------------------------------------------------------------------------------------
-RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "sample_every", "checkpoint_every",
-                     "device", "output_dir"}  # fields a resumed run may change; any other change is refused
+RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "eval_start", "eval_rewards", "sample_every",
+                     "checkpoint_every", "device", "output_dir"}  # fields a resumed run may change; others refused
 
 
 def save_checkpoint(path, cfg, params, optimizer, state):
@@ -715,13 +810,24 @@ def save_checkpoint(path, cfg, params, optimizer, state):
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
 
+CHECKPOINT_KEYS = {"config", "state", "optimizer", "lora"}
+
+
 def load_checkpoint(path, cfg, params, optimizer):
-    """Restore what save_checkpoint wrote. Raises ValueError naming the Config fields that changed the algorithm."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """Restore what save_checkpoint wrote (tensors, numbers, strings, lists and dicts only: `weights_only=True`,
+    so a checkpoint carrying pickled code is refused, not run). Raises InputError naming the file if it is corrupt
+    or not a CRD checkpoint, and naming the Config fields that changed the algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign, or carrying objects other than tensors and plain data
+        raise InputError(f"--resume {path}: not a readable CRD checkpoint ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0][:160]}); pass a checkpoint.pt written by crd.py") from None
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+        raise InputError(f"--resume {path}: not a CRD checkpoint (expected the keys {sorted(CHECKPOINT_KEYS)})")
     changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in checkpoint["config"].items()
                if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
     if changed:
-        raise ValueError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(changed)}")
+        raise InputError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(changed)}")
     with torch.no_grad():
         for name, tensors in checkpoint["lora"].items():
             for p, t in zip(params[name], tensors):
@@ -755,12 +861,82 @@ def plot_rewards(metrics, path):
         ax.plot(*zip(*train), label="training rollouts (sampler)", alpha=0.6)
     if held_out:
         ax.plot(*zip(*held_out), "o-", label="held-out prompts (theta, no CFG)")
+    eval_keys = {"eval/reward", "eval/exact", "eval/iteration", "eval/pixel_std", "eval/blank"}
+    for key in sorted({k for m in metrics for k in m if k.startswith("eval/") and k not in eval_keys}):
+        ax.plot(*zip(*[(m["eval/iteration"], m[key]) for m in metrics if key in m]), "s--",
+                label=f"held-out, unseen metric {key[5:]}")
     ax.set(xlabel="iteration", ylabel="reward", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_diagnostics(metrics, path, window=10):
+    """Is the reward term of Eq. (7) learning? Four panels per iteration, saved as PNG: the within-group
+    correlation of r^ with r~ (with a running mean over `window` iterations), the explained fraction
+    1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA time constants (iterations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [m["iteration"] for m in metrics]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    panels = [(axes[0, 0], ["crd/corr"], "corr(R^, R) within groups"), (axes[0, 1], ["crd/explained"],
+              "explained fraction of R"), (axes[1, 0], ["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R"),
+              (axes[1, 1], ["ema/tau_old", "ema/tau_sampler"], "EMA time constant (iterations)")]
+    for ax, keys, title in panels:
+        for key in keys:
+            values = np.array([m.get(key, math.nan) for m in metrics], dtype=float)
+            ax.plot(its, values, alpha=0.5, label=key)
+            if key == "crd/corr" and len(values) >= window:
+                smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
+                ax.plot(its[window - 1:], smooth, "k-", label=f"running mean of {window}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=title, xlabel="iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1, 1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Tracker:
+    """Live curves for --log-to tensorboard|wandb: the keys of metrics.jsonl and the held-out grids, per iteration.
+
+    kind '' (or a rank other than 0) makes every call a no-op; metrics.jsonl stays the record either way.
+    """
+
+    def __init__(self, kind, run_dir, cfg):
+        self.kind, self.writer = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.writer = wandb.init(project="crd", name=cfg.run_name, dir=run_dir, config=dataclasses.asdict(cfg))
+
+    def log(self, values, step, images=None):
+        """values: {key: number}; images: {key: PIL image}."""
+        if self.kind == "tensorboard":
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            for key, image in (images or {}).items():
+                self.writer.add_image(key, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
+        elif self.kind == "wandb":
+            import wandb
+
+            self.writer.log(values | {k: wandb.Image(v) for k, v in (images or {}).items()}, step=step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.finish() if self.kind == "wandb" else self.writer.close()
 
 
 STOP_REQUESTED = []  # filled by the SIGINT / SIGTERM handler; main() checks it after each iteration
@@ -787,8 +963,8 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def check_inputs(cfg, world_size=1, training=True):
-    """Everything that can be checked before loading a model; raises with what is wrong and how to fix it.
+def check_inputs(cfg, world_size=1, training=True, lora=""):
+    """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
 
     Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
     """
@@ -796,19 +972,30 @@ def check_inputs(cfg, world_size=1, training=True):
 
     cfg.validate(world_size)
     check_model(cfg.model)
-    if cfg.reward not in REWARDS:
-        raise ValueError(f"unknown reward {cfg.reward!r}; known rewards: {', '.join(sorted(REWARDS))}")
+    for name in [cfg.reward] + [n for n in cfg.eval_rewards.split(",") if n]:
+        if name not in REWARDS:
+            raise InputError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+    if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
+        raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
+    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+        raise InputError(f"--lora {lora!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
+                         f"wrote (runs/NAME/lora)")
+    resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+    if training and resume and not os.path.isfile(resume):
+        raise InputError(f"--resume {resume!r}: no such checkpoint")
     prompts = read_prompts(cfg.prompts) if training else []
-    eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_count]
+    eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
+    if not eval_prompts:
+        raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
     if cfg.reward == "ocr":
         for path, items in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
             for line, prompt in enumerate(items, 1):
                 try:
                     ocr_target(prompt)
                 except ValueError as error:
-                    raise ValueError(f"{path}, prompt {line}: {error}") from None
+                    raise InputError(f"{path}, prompt {line}: {error}") from None
     if training and len(prompts) < cfg.prompts_per_iteration:
-        raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
+        raise InputError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
                          f"{cfg.prompts_per_iteration}")
     return prompts, eval_prompts
 
@@ -895,11 +1082,9 @@ def main(cfg, eval_only=False, lora=""):
     from reward import make_reward
 
     rank, world_size, local_rank = setup_distributed()
-    prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only)
+    prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only, lora=lora)
     run_dir = os.path.join(cfg.output_dir, cfg.run_name)
     resume = os.path.join(run_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
-    if resume and not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
     os.makedirs(run_dir, exist_ok=True)
     device = pick_device(cfg.device)
     device = torch.device("cuda", local_rank) if device.type == "cuda" and world_size > 1 else device
@@ -912,8 +1097,13 @@ def main(cfg, eval_only=False, lora=""):
             f"{cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per process; {passes} "
             f"passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per process -> "
             f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
+    unseen_names = [name for name in cfg.eval_rewards.split(",") if name]
+    reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
+    say(f"reward {cfg.reward} (OCR rewards read by {reading}); unseen metrics at evaluation: "
+        f"{', '.join(unseen_names) or 'none'}")
 
-    reward_fn = make_reward(cfg.reward, device)
+    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection)
+    unseen = {name: make_reward(name, device, cfg.ocr_detection) for name in unseen_names if rank == 0}
     pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
@@ -923,7 +1113,7 @@ def main(cfg, eval_only=False, lora=""):
     prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
     eval_kwargs = dict(height=cfg.height, width=cfg.width, num_steps=cfg.eval_num_steps,
                        guidance_scale=cfg.eval_guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                       prompt_cache=prompt_cache)
+                       prompt_cache=prompt_cache, unseen=unseen)
     if eval_only:  # score the base model, or a saved LoRA, on the held-out prompts
         if lora:
             pipe.load_lora_weights(lora)
@@ -933,7 +1123,9 @@ def main(cfg, eval_only=False, lora=""):
             json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
                 "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
         say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
-            f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps); grid in {run_dir}/eval_grid.png")
+            f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
+            + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
+            + f"; grid in {run_dir}/eval_grid.png")
         return result
 
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
@@ -954,6 +1146,7 @@ def main(cfg, eval_only=False, lora=""):
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
     sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range)
+    tracker = Tracker(cfg.log_to if rank == 0 else "", run_dir, cfg)
     with torch.no_grad():
         negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)
 
@@ -963,11 +1156,13 @@ def main(cfg, eval_only=False, lora=""):
             t0 = time.time()
             result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
             result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
+            tracker.log({}, iteration, images={"eval/grid": result["grid"]})
             log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
                         "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
-                        "time/eval": time.time() - t0})
+                        **{f"eval/{k}": v for k, v in result["unseen"].items()}, "time/eval": time.time() - t0})
             say(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
-                f"(exact {result['exact']:.3f}, {result['n']} prompts)")
+                f"(exact {result['exact']:.3f}, {result['n']} prompts)"
+                + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
         barrier(world_size)
 
     first = state["iteration"]
@@ -1024,7 +1219,9 @@ def main(cfg, eval_only=False, lora=""):
                                  cfg.sampler_decay_delay) if cfg.decoupled_sampler else 0.0)
         ema_update(params["old"], params["theta"], eta_old)
         ema_update(params["sampler"], params["theta"], eta_sampler)
-        log.update({"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": state["step"]})
+        log.update({"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": state["step"],
+                    # time constants in iterations: a snapshot follows theta with a lag of about 1 / (1 - eta)
+                    "ema/tau_old": 1 / (1 - eta_old), "ema/tau_sampler": 1 / (1 - eta_sampler)})
 
         state["iteration"] = iteration + 1
         if iteration + 1 == cfg.iterations:
@@ -1042,29 +1239,65 @@ def main(cfg, eval_only=False, lora=""):
             metrics.append(log)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
+            tracker.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, iteration)
             say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
                 f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
-                f"r^ std {log.get('implicit_reward/std', math.nan):.4f} | eta old {eta_old:.3f} samp "
+                f"r^ std {log.get('implicit_reward/std', math.nan):.4f} corr {log.get('crd/corr', math.nan):+.3f} "
+                f"expl {log.get('crd/explained', math.nan):+.3f} | eta old {eta_old:.3f} samp "
                 f"{eta_sampler:.3f} | {log['time/iteration']:.1f}s")
         if stopping:
             say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
                 f"plus --resume auto")
+            tracker.close()
             return metrics
 
     if rank == 0:
         save_lora(pipe.transformer, os.path.join(run_dir, "lora"))
         plot_rewards(metrics, os.path.join(run_dir, "reward_curve.png"))
+        plot_diagnostics(metrics, os.path.join(run_dir, "diagnostics.png"))
         totals = {k: sum(m.get(f"time/{k}", 0.0) for m in metrics) for k in TIME_PARTS}
         say("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}" for k, v in totals.items())
             + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {cfg.reward}, train = "
             "forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
         say(f"done: LoRA in {run_dir}/lora, curve in {run_dir}/reward_curve.png, metrics in {metrics_path}")
+    tracker.close()
     return metrics
 
 
 TIME_PARTS = ("sample", "reward", "train", "eval", "other")
 
-if __name__ == "__main__":
-    config, cli = parse_args()
+def quiet_known_warnings():
+    """Silence, at their source, the library messages a user cannot act on (a run still prints tqdm and one line per
+    iteration); --verbose keeps them."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", module="peft")  # 3 adapters
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)  # EasyOCR's LSTM
+    warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)  # EasyOCR's loader on a CPU
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def cli(argv=None):
+    """`python crd.py ...`: input mistakes (InputError) and a diverged run (FloatingPointError) print one line and
+    exit with status 2; --debug (or CRD_DEBUG=1) shows their traceback. Bugs always keep theirs."""
+    argv = sys.argv[1:] if argv is None else argv
+    config, args = parse_args(argv)
+    if not args.verbose:
+        quiet_known_warnings()
     install_stop_handlers()
-    main(config, eval_only=cli.eval, lora=cli.lora)
+    try:
+        main(config, eval_only=args.eval, lora=args.lora)
+    except (InputError, FloatingPointError) as error:
+        if args.debug or os.environ.get("CRD_DEBUG"):
+            raise
+        print(f"crd.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -13,11 +13,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import crd
 import reward
+from reward import Detection, geneval_check, geneval_filter, geneval_relations
 
 
 def randn(*shape, seed=0):
@@ -181,6 +184,51 @@ def test_crd_gradient_raises_likelihood_of_above_average_samples():
     assert errors[0] < 1.0 < errors[1]
 
 
+def test_within_group_correlation_hand_values():
+    y = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 5.0])  # second group constant: left out
+    assert crd.within_group_correlation(torch.tensor([1.0, 2.0, 3.0, 0.0, 1.0, 2.0]), y, 3) == pytest.approx(1.0)
+    assert crd.within_group_correlation(-y, y, 3) == pytest.approx(-1.0)
+    # group 1: x = (1, 0, 1) against (0, 1, 2) -> centred (1/3, -2/3, 1/3)·(-1, 0, 1) = 0; group 2 perfectly ranked
+    x = torch.tensor([1.0, 0.0, 1.0, 7.0, 8.0, 9.0])
+    y = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    assert crd.within_group_correlation(x, y, 3) == pytest.approx(0.5)
+    assert math.isnan(crd.within_group_correlation(torch.ones(4), y[:4], 2))
+
+
+@pytest.mark.parametrize("shared_timesteps,group_noise", [(True, True), (False, False)])
+def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch, shared_timesteps, group_noise):
+    """With shared_timesteps every sample of a pass gets the same sigma; with group_noise the K samples of a prompt
+    get the same eps; off, both are drawn per sample. Read back from the x_sigma that reach the model."""
+    seen = []
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    def fake_velocity(transformer, adapter, x_sigma, sigma, embeds, pooled):
+        if adapter == "theta":
+            seen.append((x_sigma.clone(), sigma.clone()))
+        return x_sigma * (weight if adapter == "theta" else 1.0)
+
+    monkeypatch.setattr(crd, "velocity", fake_velocity)
+    cfg = dataclasses.replace(crd.Config(), group_size=2, micro_batch_size=4, train_timesteps=2,
+                              optimizer_steps_per_iteration=2, shared_timesteps=shared_timesteps,
+                              group_noise=group_noise)
+    x0 = randn(8, 1, 2, 2, seed=3)
+    batch = {"x0": x0, "prompt_embeds": torch.zeros(8, 1, 1), "pooled": torch.zeros(8, 1),
+             "negative_embeds": torch.zeros(1, 1, 1), "negative_pooled": torch.zeros(1, 1),
+             "rewards_normalized": torch.rand(8), "rewards_kl": torch.rand(8), "sigmas": torch.linspace(1, 0.1, 9)}
+    crd.update(None, {"theta": [weight]}, torch.optim.SGD([weight], lr=0.0), batch, cfg,
+               torch.Generator().manual_seed(0), contextlib.nullcontext(), {"iteration": 0, "step": 0}, 2)
+    assert len(seen) == 4  # 2 micro-batches x 2 timesteps
+    for index, (x_sigma, sigma) in enumerate(seen):
+        start = (index // 2) * 4
+        eps = (x_sigma - (1 - sigma.view(-1, 1, 1, 1)) * x0[start:start + 4]) / sigma.view(-1, 1, 1, 1)
+        if shared_timesteps:  # drawn per sample, two may coincide by chance: checked over all passes below
+            assert len(set(sigma.tolist())) == 1
+        same_in_groups = all(torch.allclose(eps[i], eps[i + 1], atol=1e-5) for i in (0, 2))
+        assert same_in_groups == group_noise
+    if not shared_timesteps:
+        assert any(len(set(sigma.tolist())) > 1 for _, sigma in seen)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Analytic check: CRD's own loss functions tilt a toy flow model to p exp(r / beta) / Z (Eq. 4)
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,13 +388,15 @@ def test_ocr_score_formula():
         reward.make_reward("nope")
 
 
-def test_ocr_reward_reads_clean_renders_and_scores_blank_zero():
+@pytest.mark.parametrize("name,detect_text", [("ocr", True), ("ocr", False), ("ppocr", False)])
+def test_ocr_rewards_read_clean_renders_and_score_blank_zero(name, detect_text):
+    """Both engines (EasyOCR, the trained reward; PP-OCRv4, the unseen metric), with and without text detection."""
     from PIL import Image, ImageDraw, ImageFont
     from tools.pretrain_tiny import font_path, render
 
     font = ImageFont.truetype(font_path(), 20)
     words = ["hello", "crd", "text", "quick"]
-    fn = reward.make_reward("ocr")
+    fn = reward.make_reward(name, detect_text=detect_text)
     rewards, info = fn([render(w, font) for w in words] + [Image.new("RGB", (96, 32), "white")],
                        [f'"{w}"' for w in words] + ['"blank"'])
     assert rewards.shape == (5,) and rewards.dtype == torch.float32
@@ -367,7 +417,8 @@ def test_ink_reward_is_deterministic_and_in_range():
 def tiny_config(tmp_path, **overrides):
     values = dict(run_name="test", output_dir=str(tmp_path), reward="ink", iterations=2, prompts_per_iteration=2,
                   group_size=2, micro_batch_size=2, train_timesteps=1, num_steps=3, eval_num_steps=3, eval_count=4,
-                  eval_every=0, sample_every=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, learning_rate=1e-2)
+                  eval_every=0, sample_every=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, learning_rate=1e-2,
+                  eval_rewards="")
     values.update(overrides)
     return dataclasses.replace(crd.Config(), **values)
 
@@ -391,6 +442,23 @@ def test_rollouts_in_chunks_match_one_batch():
                         contextlib.nullcontext())
     assert torch.allclose(whole[0], split[0], atol=1e-5) and not torch.allclose(whole[0][0], whole[0][1])
     assert torch.equal(whole[1], split[1]) and len(split[3]) == 4
+
+
+def test_readme_snippet_loads_the_embedded_model_with_plain_diffusers(tmp_path, monkeypatch):
+    """The README's plain-diffusers lines, run as written (from the repository root), on a LoRA a run saved."""
+    crd.main(tiny_config(tmp_path, iterations=1))
+    readme = open(os.path.join(os.path.dirname(crd.__file__), "README.md")).read()
+    snippet = readme.split("runs exactly these lines):\n\n```python\n")[1].split("```")[0]
+    assert "from_pretrained(\"assets/tiny-sd3-text\"" in snippet and "load_lora_weights" in snippet
+    snippet = snippet.replace("runs/crd-tiny-ocr/lora", str(tmp_path / "test" / "lora"))
+    snippet = snippet.replace('"grid.png"', repr(str(tmp_path / "grid.png")))
+    monkeypatch.chdir(os.path.dirname(crd.__file__))
+    namespace = {}
+    exec(snippet, namespace)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (4 * 96, 32) and len(namespace["images"]) == 4
+    assert namespace["pipe"].transformer.peft_config  # the LoRA was loaded
 
 
 def test_lora_adapters_start_equal_and_switch():
@@ -429,21 +497,25 @@ def lora_moved(tensors):
 
 
 def test_main_end_to_end_then_exact_resume(tmp_path):
-    straight = crd.main(tiny_config(tmp_path / "a", iterations=4))
+    straight = crd.main(tiny_config(tmp_path / "a", iterations=4, eval_rewards="ink"))
     assert [m["iteration"] for m in straight] == [0, 1, 2, 3]
     run = tmp_path / "a" / "test"
-    for name in ("metrics.jsonl", "checkpoint.pt", "reward_curve.png", "samples_0000.png", "eval_0004.png"):
+    for name in ("metrics.jsonl", "checkpoint.pt", "reward_curve.png", "diagnostics.png", "samples_0000.png",
+                 "eval_0004.png"):
         assert (run / name).is_file(), name
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward/mean", "loss/crd", "loss/kl", "ema/eta_old", "time/sample", "time/train"} <= set(logged[0])
+    assert {"reward/mean", "loss/crd", "loss/kl", "ema/eta_old", "time/sample", "time/train", "crd/corr",
+            "crd/explained", "ema/tau_old", "ema/tau_sampler"} <= set(logged[0])
     assert "eval/reward" in logged[0] and "eval/reward" in logged[-1]
+    assert logged[0]["eval/ink"] == pytest.approx(straight[0]["eval/ink"]) and 0 < logged[0]["eval/ink"] < 1
+    assert logged[0]["ema/tau_old"] == pytest.approx(1 / (1 - logged[0]["ema/eta_old"]))
 
     # the same run stopped after two iterations and resumed ends bitwise identical
-    crd.main(tiny_config(tmp_path / "b", iterations=2))
-    resumed = crd.main(tiny_config(tmp_path / "b", iterations=4, resume="auto"))
+    crd.main(tiny_config(tmp_path / "b", iterations=2, eval_rewards="ink"))
+    resumed = crd.main(tiny_config(tmp_path / "b", iterations=4, resume="auto", eval_rewards="ink"))
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
-    a = torch.load(run / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "test" / "checkpoint.pt", weights_only=False)
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "test" / "checkpoint.pt", weights_only=True)
     assert a["state"] == b["state"] == {"iteration": 4, "step": 8}
     for name in crd.ADAPTERS:
         assert all(torch.equal(x, y) for x, y in zip(a["lora"][name], b["lora"][name])), name
@@ -473,14 +545,14 @@ def test_baseline_and_reward_free_control_objectives_train_end_to_end(tmp_path, 
     loss = metrics[0][f"loss/{objective}"]
     assert (loss > 0) if objective == "nft" else (loss == 0)  # the control has no reward term at all
     assert metrics[0]["loss/kl"] > 0
-    checkpoint = torch.load(tmp_path / "test" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "test" / "checkpoint.pt", weights_only=True)
     assert lora_moved(checkpoint["lora"]["theta"])
 
 
 def test_slow_reference_and_sampler_off_copy_theta_and_log_zero_decay(tmp_path):
     metrics = crd.main(tiny_config(tmp_path, iterations=1, slow_reference=False, decoupled_sampler=False))
     assert metrics[0]["ema/eta_old"] == metrics[0]["ema/eta_sampler"] == 0.0
-    lora = torch.load(tmp_path / "test" / "checkpoint.pt", weights_only=False)["lora"]
+    lora = torch.load(tmp_path / "test" / "checkpoint.pt", weights_only=True)["lora"]
     assert lora_moved(lora["theta"])
     for name in ("old", "sampler"):
         assert all(torch.equal(a, b) for a, b in zip(lora[name], lora["theta"])), name
@@ -515,8 +587,12 @@ def test_checkpoint_write_killed_midway_leaves_previous_checkpoint(tmp_path, mon
 def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
     base = crd.Config()
     cases = [
-        (dict(prompts=str(tmp_path / "missing.txt")), FileNotFoundError, "does not exist"),
-        (dict(model=str(tmp_path)), FileNotFoundError, "no model_index.json"),
+        (dict(prompts=str(tmp_path / "missing.txt")), crd.InputError, "does not exist"),
+        (dict(model=str(tmp_path)), crd.InputError, "no model_index.json"),
+        (dict(learning_rate=-1.0), crd.InputError, "--learning-rate -1.0 must be > 0"),
+        (dict(iterations=0), crd.InputError, "--iterations 0 must be > 0"),
+        (dict(adam_beta2=1.0), crd.InputError, r"--adam-beta2 1.0 must be in \[0, 1\)"),
+        (dict(eval_rewards="ppocr,nope"), crd.InputError, "unknown reward 'nope'"),
         (dict(timestep_range=0.5, train_timesteps=6), ValueError, "train-timesteps 6"),
         (dict(centering="global"), ValueError, "choose one of prompt, batch"),
     ]
@@ -529,8 +605,72 @@ def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
         crd.check_inputs(crd.sd35m_ocr())
     assert crd.check_inputs(crd.sd35m_ocr(), training=False)[1][0].count('"') == 2  # --eval needs none
     crd.check_model("stabilityai/stable-diffusion-3.5-medium")  # a hub id is not checked as a folder
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(crd.InputError, match="no such checkpoint"):
         crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
+
+
+def run_cli(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, os.path.join(os.path.dirname(crd.__file__), "crd.py"), *args],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
+    """Each mistake a user can make on the command line exits 2 with a line naming it, before any model loads."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes('"caf\xe9"\n'.encode("latin-1"))
+    cases = [
+        (["--resume", str(garbage)], "garbage.pt: not a readable CRD checkpoint"),
+        (["--eval", "--lora", str(tmp_path / "no_such_dir")], "no pytorch_lora_weights.safetensors"),
+        (["--prompts", str(latin1)], "latin1.txt' is not UTF-8"),
+        (["--learning-rate", "-1"], "--learning-rate -1.0 must be > 0"),
+        (["--iterations", "0"], "--iterations 0 must be > 0"),
+        (["--model", str(tmp_path)], "no model_index.json"),
+    ]
+    for args, message in cases:
+        out = run_cli(*args, "--output-dir", str(tmp_path / "runs"))
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert message in out.stderr and "Traceback" not in out.stderr + out.stdout, (args, out.stderr[-2000:])
+    offline = run_cli("--eval", "--preset", "sd35m_ocr", "--eval-rewards", "", "--output-dir", str(tmp_path / "runs"),
+                      env={"HF_HUB_OFFLINE": "1"})  # a hub id with no network and no cache
+    assert offline.returncode == 2 and "cannot load --model 'stabilityai/stable-diffusion-3.5-medium'" in \
+        offline.stderr and "HF_HUB_OFFLINE" in offline.stderr and "Traceback" not in offline.stderr
+    debug = run_cli("--iterations", "0", env={"CRD_DEBUG": "1"})  # the traceback is there when asked for
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "InputError" in debug.stderr
+
+
+def test_log_to_tensorboard_writes_the_metrics_keys_and_the_held_out_grid(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = crd.main(tiny_config(tmp_path, iterations=1, log_to="tensorboard"))
+    events = EventAccumulator(str(tmp_path / "test" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"reward/mean", "loss/crd", "eval/reward", "crd/corr"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("reward/mean")[0].value == pytest.approx(metrics[0]["reward/mean"])
+    assert "eval/grid" in events.Tags()["images"]
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_a_real_one_loads_weights_only(tmp_path):
+    params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
+    optimizer = torch.optim.AdamW(params["theta"])
+    params["theta"][0].grad = torch.ones(2)
+    optimizer.step()  # a real AdamW state: tensors, numbers, tuples
+    cfg, path = crd.Config(), str(tmp_path / "checkpoint.pt")
+    crd.save_checkpoint(path, cfg, params, optimizer, {"iteration": 1, "step": 1})
+    assert crd.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 1, "step": 1}
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"config": {}, "state": {}, "optimizer": {}, "lora": {}, "payload": torch.nn.Linear(1, 1)}, evil)
+    with pytest.raises(crd.InputError, match="evil.pt: not a readable CRD checkpoint"):
+        crd.load_checkpoint(evil, cfg, params, optimizer)
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"weights": torch.ones(1)}, foreign)
+    with pytest.raises(crd.InputError, match="foreign.pt: not a CRD checkpoint"):
+        crd.load_checkpoint(foreign, cfg, params, optimizer)
 
 
 def test_ocr_reward_scores_a_failing_image_zero_and_raises_when_all_fail():
@@ -564,10 +704,10 @@ def test_sigint_stops_after_the_iteration_with_a_checkpoint_that_resumes(tmp_pat
             process.send_signal(signal.SIGINT)
     assert process.wait(timeout=300) == 0, "".join(output)
     assert "continue with the same command plus --resume auto" in "".join(output)
-    done = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=False)["state"]["iteration"]
+    done = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["state"]["iteration"]
     assert 1 <= done < 1000
     subprocess.run(command + ["--iterations", str(done + 1), "--resume", "auto"], check=True, capture_output=True)
-    assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=False)["state"]["iteration"] == done + 1
+    assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["state"]["iteration"] == done + 1
 
 
 RANK_SCRIPT = """
@@ -665,9 +805,357 @@ def test_sd35m_code_path_runs_on_a_tiny_pipeline_with_its_layout(tmp_path):
     assert (tmp_path / cfg.run_name / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_full_size_bench_runs_the_sd35m_code_path_at_tiny_scale(capsys):
+    """bench/full_size.py builds SD3.5-M's layout from the shipped configs; --scale tiny runs it on the CPU."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(crd.__file__), "bench", "full_size.py")
+    spec = importlib.util.spec_from_file_location("full_size", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.config("transformer", "full")["num_layers"] == 24  # the public SD3.5-M config, unshrunk
+    metrics = bench.main(["--scale", "tiny", "--iterations", "2"])
+    assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["train/step"] == 4
+    out = capsys.readouterr().out
+    assert "seconds per iteration" in out and "images/s" in out and "1,018 OCR test prompts" in out
+
+
 def test_nonfinite_loss_stops_with_iteration_and_step_or_is_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(crd, "crd_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="non-finite loss nan at iteration 0, optimizer step 0"):
         crd.main(tiny_config(tmp_path / "stop", iterations=1))
     metrics = crd.main(tiny_config(tmp_path / "skip", iterations=1, skip_nonfinite=True))
     assert metrics[0]["train/skipped"] == 2  # both passes skipped; the optimizer steps found no gradient
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GenEval rules (reward.py): hand-built detections with known answers, no models. The benchmark's binary verdict
+# (djghosh13/geneval evaluation/evaluate_images.py), the reward-server's partial score (yifan123/reward-server
+# reward_server/gen_eval.py) with and without its position bug, the detection filter, the relation geometry, the
+# colour classifier's input crop, and metadata validation (all 553 shipped lines).
+# ---------------------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GENEVAL_DIR = os.path.join(HERE, "data", "geneval")
+SIZE = 64  # images are SIZE x SIZE pixels
+
+
+def det(label, box, score=0.95, colour=None):
+    """A detection whose mask is its box; `colour` is what the fake colour classifier will say."""
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    x0, y0, x1, y1 = (min(max(int(round(v)), 0), SIZE) for v in box)  # the part of the box inside the image
+    mask[y0:y1, x0:x1] = True
+    detection = Detection(label=label, score=score, mask=mask, box=tuple(float(v) for v in box))
+    detection.colour = colour  # read by colour_of below; not a field of Detection
+    return detection
+
+
+def colour_of(detection):
+    return detection.colour
+
+
+def no_colour(detection):
+    raise AssertionError("colour_of must not be called when no clause names a colour")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The six tags
+# ---------------------------------------------------------------------------------------------------------------
+def test_single_object_pass_and_fail():
+    meta = {"tag": "single_object", "include": [{"class": "bench", "count": 1}]}
+    ok = geneval_check([det("bench", (5, 5, 30, 30))], meta, no_colour)
+    assert (ok.correct, ok.score, ok.strict_correct) == (True, 1.0, True)
+    assert ok.reason == "all requirements met"
+    missing = geneval_check([det("dog", (5, 5, 30, 30))], meta, no_colour)
+    assert (missing.correct, missing.score, missing.strict_correct) == (False, 0.0, False)
+    assert "bench" in missing.reason
+
+
+def test_single_object_extra_copies_pass_benchmark_but_cost_partial_score():
+    meta = {"tag": "single_object", "include": [{"class": "bench", "count": 1}]}
+    two = geneval_check([det("bench", (0, 0, 10, 10)), det("bench", (30, 30, 40, 40), 0.8)], meta, no_colour)
+    assert two.correct and not two.strict_correct
+    assert two.score == pytest.approx(0.0)  # 1 - |1 - 2| / 1
+    three = [det("bench", (0, 0, 10, 10)), det("bench", (20, 20, 30, 30)), det("bench", (40, 40, 50, 50))]
+    assert geneval_check(three, meta, no_colour).score == pytest.approx(-1.0)  # 1 - |1 - 3| / 1: not floored
+    assert geneval_check(three, meta, no_colour, clip_count_terms=True).score == 0.0
+
+
+def test_two_object():
+    meta = {"tag": "two_object", "include": [{"class": "bench", "count": 1}, {"class": "sports ball", "count": 1}]}
+    both = geneval_check([det("bench", (0, 0, 20, 20)), det("sports ball", (30, 30, 40, 40))], meta, no_colour)
+    assert (both.correct, both.score, both.strict_correct) == (True, 1.0, True)
+    one = geneval_check([det("bench", (0, 0, 20, 20))], meta, no_colour)
+    assert not one.correct and one.score == pytest.approx(0.5)  # terms (1, 0)
+    assert "sports ball" in one.reason
+
+
+def test_counting_needs_exact_count_via_exclude():
+    meta = {"tag": "counting", "include": [{"class": "clock", "count": 2}],
+            "exclude": [{"class": "clock", "count": 3}]}
+    clocks = [det("clock", (i * 15, 0, i * 15 + 10, 10)) for i in range(4)]
+    two = geneval_check(clocks[:2], meta, no_colour)
+    assert (two.correct, two.score, two.strict_correct) == (True, 1.0, True)
+    three = geneval_check(clocks[:3], meta, no_colour)  # include holds, the exclude clause fires
+    assert not three.correct and "fewer than 3 clock" in three.reason
+    assert three.score == pytest.approx(0.5) and not three.strict_correct  # 1 - |2 - 3| / 2
+    one = geneval_check(clocks[:1], meta, no_colour)
+    assert not one.correct and one.score == pytest.approx(0.5)
+    four = geneval_check(clocks, meta, no_colour)
+    assert not four.correct and four.score == pytest.approx(0.0)  # 1 - |2 - 4| / 2
+
+
+def test_counting_uses_the_090_threshold():
+    meta = {"tag": "counting", "include": [{"class": "clock", "count": 2}],
+            "exclude": [{"class": "clock", "count": 3}]}
+    confident = det("clock", (0, 0, 10, 10), 0.95)
+    unsure = det("clock", (20, 0, 30, 10), 0.85)
+    result = geneval_check([confident, unsure], meta, no_colour)
+    assert not result.correct and result.score == pytest.approx(0.5)  # only one clock survives 0.9
+    # the same detections under a non-counting tag: 0.85 > 0.3, so two clocks
+    two_meta = {"tag": "two_object", "include": [{"class": "clock", "count": 2}]}
+    assert geneval_check([confident, unsure], two_meta, no_colour).correct
+
+
+def test_colors_match_and_mismatch():
+    meta = {"tag": "colors", "include": [{"class": "fire hydrant", "count": 1, "color": "blue"}]}
+    blue = geneval_check([det("fire hydrant", (0, 0, 20, 40), colour="blue")], meta, colour_of)
+    assert (blue.correct, blue.score, blue.strict_correct) == (True, 1.0, True)
+    red = geneval_check([det("fire hydrant", (0, 0, 20, 40), colour="red")], meta, colour_of)
+    assert not red.correct and not red.strict_correct
+    assert red.score == pytest.approx(0.5)  # terms (count 1, colour 0)
+    assert "blue" in red.reason and "1 red" in red.reason
+
+
+def test_colors_benchmark_judges_only_the_best_detections():
+    meta = {"tag": "colors", "include": [{"class": "fire hydrant", "count": 1, "color": "blue"}]}
+    best = det("fire hydrant", (0, 0, 20, 40), 0.9, colour="blue")
+    worse = det("fire hydrant", (30, 0, 50, 40), 0.5, colour="red")
+    result = geneval_check([worse, best], meta, colour_of)
+    assert result.correct  # the top-1 hydrant is blue; the red one is not looked at
+    assert result.score == pytest.approx(0.0)  # terms (1 - |1 - 2| / 1 = 0, a wrong count adds 0)
+    flipped = geneval_check([det("fire hydrant", (0, 0, 20, 40), 0.9, colour="red"),
+                             det("fire hydrant", (30, 0, 50, 40), 0.5, colour="blue")], meta, colour_of)
+    assert not flipped.correct
+
+
+def test_color_attr():
+    meta = {"tag": "color_attr", "include": [{"class": "wine glass", "count": 1, "color": "purple"},
+                                             {"class": "apple", "count": 1, "color": "black"}]}
+    glass = det("wine glass", (0, 0, 20, 40), colour="purple")
+    good = geneval_check([glass, det("apple", (30, 30, 50, 50), colour="black")], meta, colour_of)
+    assert (good.correct, good.score, good.strict_correct) == (True, 1.0, True)
+    bad = geneval_check([glass, det("apple", (30, 30, 50, 50), colour="red")], meta, colour_of)
+    assert not bad.correct and bad.score == pytest.approx(0.75)  # terms (1, 1, 1, 0)
+
+
+def test_colour_of_must_return_a_known_colour():
+    meta = {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}]}
+    with pytest.raises(ValueError, match="colour_of returned 'crimson'"):
+        geneval_check([det("apple", (0, 0, 10, 10), colour="crimson")], meta, colour_of)
+
+
+POSITION_META = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                                {"class": "dog", "count": 1, "position": ["right of", 0]}]}
+
+
+def test_position_tag_pass_fail_and_bug_switch():
+    bear = det("teddy bear", (0, 20, 20, 40))
+    right = geneval_check([bear, det("dog", (40, 20, 60, 40))], POSITION_META, no_colour)
+    assert (right.correct, right.score, right.strict_correct) == (True, 1.0, True)
+    left = [bear, det("dog", (-40, 20, -20, 40))]  # dog left of the bear
+    fixed = geneval_check(left, POSITION_META, no_colour)
+    assert not fixed.correct and "found left of" in fixed.reason
+    assert fixed.score == pytest.approx(2 / 3)  # terms (1, 1, 0)
+    buggy = geneval_check(left, POSITION_META, no_colour, position_bug=True)
+    assert buggy.score == pytest.approx(0.75)  # terms (1, 1, 0, 1): the reward-server appends 1 after the 0
+    assert not buggy.correct and not buggy.strict_correct
+
+
+def test_position_bug_switch_changes_nothing_when_the_relation_holds_or_is_not_checked():
+    bear = det("teddy bear", (0, 20, 20, 40))
+    dog = det("dog", (40, 20, 60, 40))
+    for bug in (False, True):
+        assert geneval_check([bear, dog], POSITION_META, no_colour, position_bug=bug).score == 1.0
+        # no dog: terms (1, 0 count, 0 for the unchecked relation)
+        assert geneval_check([bear], POSITION_META, no_colour, position_bug=bug).score == pytest.approx(1 / 3)
+        # no bear: terms (0, 1, 0 because the target clause failed)
+        no_target = geneval_check([dog], POSITION_META, no_colour, position_bug=bug)
+        assert no_target.score == pytest.approx(1 / 3)
+        assert not no_target.correct and "failed its own check" in no_target.reason
+
+
+def test_position_checks_every_pair_against_the_target_group():
+    meta = {"tag": "position", "include": [{"class": "teddy bear", "count": 2},
+                                           {"class": "dog", "count": 1, "position": ["right of", 0]}]}
+    bears_left = [det("teddy bear", (0, 0, 10, 10)), det("teddy bear", (0, 40, 10, 50))]
+    between = [det("teddy bear", (0, 0, 10, 10)), det("teddy bear", (50, 40, 60, 50))]
+    dog = det("dog", (30, 20, 40, 30))
+    assert geneval_check(bears_left + [dog], meta, no_colour).correct
+    assert not geneval_check(between + [dog], meta, no_colour).correct  # right of one bear, left of the other
+
+
+@pytest.mark.parametrize("dog_box, relation", [
+    ((40, 20, 60, 40), "right of"), ((-40, 20, -20, 40), "left of"),
+    ((0, -20, 20, 0), "above"), ((0, 60, 20, 80), "below")])
+def test_each_relation(dog_box, relation):
+    bear = det("teddy bear", (0, 20, 20, 40))
+    assert geneval_relations(dog_box, bear.box) == {relation}
+    meta = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                           {"class": "dog", "count": 1, "position": [relation, 0]}]}
+    dog = det("dog", dog_box)
+    assert geneval_check([bear, dog], meta, no_colour).correct
+    others = [r for r in reward.GENEVAL_RELATIONS if r != relation]
+    for other in others:
+        meta["include"][1]["position"] = [other, 0]
+        assert not geneval_check([bear, dog], meta, no_colour).correct
+
+
+def test_relation_margin_is_a_tenth_of_the_summed_box_sizes():
+    # centres 1.5 px apart horizontally; margin 0.1 * (10 + 10) = 2 px swallows it: no relation, so "left of" fails
+    assert geneval_relations((0, 0, 10, 10), (1.5, 0, 11.5, 10)) == set()
+    meta = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    bear, dog = det("teddy bear", (1.5, 0, 11.5, 10)), det("dog", (0, 0, 10, 10))
+    assert not geneval_check([bear, dog], meta, no_colour).correct
+    # same centres, thinner boxes (widths 2): margin 0.4 px < 1.5 px, so A is left of B
+    assert geneval_relations((4, 0, 6, 10), (5.5, 0, 7.5, 10)) == {"left of"}
+    # 11 px apart, widths 10: shrunk offset 9 / 11 = 0.82 > 0.5
+    assert geneval_relations((0, 0, 10, 10), (11, 0, 21, 10)) == {"left of"}
+    # shrunk / |offset| <= 0.5: offset 3, margin 2, 1 / 3 < 0.5 -> nothing
+    assert geneval_relations((0, 0, 10, 10), (3, 0, 13, 10)) == set()
+    assert geneval_relations((0, 0, 10, 10), (3, 0, 13, 10), margin=0.0) == {"left of"}
+
+
+def test_diagonal_offset_gives_two_relations():
+    # offset (-10, -10), sizes 2: shrunk (-9.6, -9.6) / 14.14 = -0.68 on both axes
+    assert geneval_relations((0, 0, 2, 2), (10, 10, 12, 12)) == {"left of", "above"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Filtering
+# ---------------------------------------------------------------------------------------------------------------
+def test_filter_threshold_is_strictly_above_030():
+    at = det("cat", (0, 0, 10, 10), float(np.float32(0.3)))  # a float32 detector score of exactly 0.3
+    above = det("cat", (20, 0, 30, 10), 0.31)
+    below = det("dog", (0, 20, 10, 30), 0.29)
+    kept = geneval_filter([at, above, below], "single_object")
+    assert kept == {"cat": [above]}
+
+
+def test_filter_counting_threshold_is_090():
+    scores = [0.95, 0.91, float(np.float32(0.9)), 0.89, 0.5]
+    dets = [det("cup", (i * 10, 0, i * 10 + 5, 5), s) for i, s in enumerate(scores)]
+    assert [d.score for d in geneval_filter(dets, "counting")["cup"]] == [0.95, 0.91]
+    assert len(geneval_filter(dets, "two_object")["cup"]) == 5
+
+
+def test_filter_caps_16_per_class_best_first_and_keeps_overlaps():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.4, 1.0, size=20).tolist()
+    cups = [det("cup", (0, 0, 10, 10), s) for s in scores]  # all the same box: the benchmark keeps overlaps
+    books = [det("book", (0, 0, 10, 10), 0.5)]
+    kept = geneval_filter(cups + books, "colors")
+    assert [d.score for d in kept["cup"]] == sorted(scores, reverse=True)[:16]
+    assert kept["book"] == books
+    # the optional box suppression (off by default) drops same-class boxes with IoU >= max_overlap
+    assert len(geneval_filter(cups, "colors", max_overlap=0.5)["cup"]) == 1
+
+
+def test_filter_is_idempotent_and_check_agrees_on_filtered_input():
+    meta = {"tag": "counting", "include": [{"class": "clock", "count": 2}],
+            "exclude": [{"class": "clock", "count": 3}]}
+    dets = [det("clock", (i * 3, 0, i * 3 + 10, 10), 0.8 + 0.01 * i) for i in range(20)]
+    once = geneval_filter(dets, "counting")
+    flat = [d for group in once.values() for d in group]
+    assert geneval_filter(flat, "counting") == once
+    assert geneval_check(dets, meta, no_colour) == geneval_check(flat, meta, no_colour)
+
+
+def test_filter_rejects_unknown_label_and_tag():
+    with pytest.raises(ValueError, match="not a GenEval object name"):
+        geneval_filter([det("mouse", (0, 0, 5, 5))], "single_object")
+    with pytest.raises(ValueError, match="unknown GenEval tag"):
+        geneval_filter([], "spatial")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colour classifier input
+# ---------------------------------------------------------------------------------------------------------------
+def test_colour_crop_size_and_grey_background():
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    mask = np.zeros((30, 40), dtype=bool)
+    mask[10:20, 5:15] = True
+    detection = Detection("apple", 0.9, mask, (2.0, 8.0, 20.0, 24.0))
+    crop = reward.colour_crop(image, detection)
+    assert crop.mode == "RGB" and crop.size == (18, 16)
+    pixels = np.asarray(crop)
+    inside = pixels[2:12, 3:13]  # mask rows 10..19, cols 5..14 shifted by the box corner (2, 8)
+    assert (inside == (200, 10, 10)).all()
+    outside = np.ones(pixels.shape[:2], dtype=bool)
+    outside[2:12, 3:13] = False
+    assert (pixels[outside] == (153, 153, 153)).all()
+    # fractional corners round as PIL's crop does; no mask keeps the image
+    assert reward.colour_crop(image, Detection("apple", 0.9, None, (0.4, 0.6, 10.2, 9.7))).size == (10, 9)
+    assert (np.asarray(reward.colour_crop(image, Detection("apple", 0.9, None, (0, 0, 5, 5)))) == (200, 10, 10)).all()
+
+
+def test_colour_crop_rejects_a_mask_of_the_wrong_shape():
+    image = Image.new("RGB", (40, 30))
+    with pytest.raises(ValueError, match="mask shape"):
+        reward.colour_crop(image, Detection("apple", 0.9, np.ones((40, 30), dtype=bool), (0, 0, 5, 5)))
+
+
+def test_colour_constants():
+    assert reward.GENEVAL_COLOURS == ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
+                                      "black", "white")
+    prompts = [t.format(colour="blue", object="fire hydrant") for t in reward.GENEVAL_COLOUR_TEMPLATES]
+    assert prompts == ["a photo of a blue fire hydrant", "a photo of a blue-colored fire hydrant",
+                       "a photo of a blue object"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("meta, message", [
+    ({"tag": "spatial", "include": [{"class": "dog", "count": 1}]}, "unknown GenEval tag"),
+    ({"tag": "single_object", "include": [{"class": "puppy", "count": 1}]}, "unknown class name 'puppy'"),
+    ({"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "crimson"}]}, "unknown colour 'crimson'"),
+    ({"tag": "single_object", "include": [{"class": "dog", "count": 0}]}, "'count' must be an int >= 1"),
+    ({"tag": "single_object", "include": [{"class": "dog", "count": 1.0}]}, "'count' must be an int >= 1"),
+    ({"tag": "single_object", "include": []}, "non-empty 'include'"),
+    ({"tag": "single_object"}, "non-empty 'include'"),
+    ({"tag": "colors", "include": [{"class": "dog", "count": 1, "colour": "red"}]}, "unknown keys"),
+    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1,
+                                                                     "position": ["next to", 0]}]},
+     "unknown relation"),
+    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1,
+                                                                     "position": ["above", 1]}]},
+     "earlier include clause"),
+    ({"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dogs", "count": 3}]},
+     "exclude\\[0\\]: unknown class name"),
+    ("not a dict", "must be a dict"),
+])
+def test_malformed_metadata_raises(meta, message):
+    with pytest.raises(ValueError, match=message):
+        reward.validate_geneval_metadata(meta)
+    with pytest.raises(ValueError, match=message):
+        geneval_check([], meta, no_colour)
+
+
+def test_every_shipped_metadata_line_validates():
+    with open(os.path.join(GENEVAL_DIR, "evaluation_metadata.jsonl")) as file:
+        lines = file.read().splitlines()
+    assert len(lines) == 553
+    tags = []
+    for line in lines:
+        meta = json.loads(line)
+        assert reward.validate_geneval_metadata(meta) is meta
+        tags.append(meta["tag"])
+    assert {tag: tags.count(tag) for tag in set(tags)} == {
+        "single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
+
+
+def test_object_names_match_the_shipped_list():
+    with open(os.path.join(GENEVAL_DIR, "object_names.txt")) as file:
+        assert tuple(file.read().splitlines()) == reward.GENEVAL_OBJECTS
