@@ -10,6 +10,8 @@ import dataclasses
 import math
 import json
 import os
+import string
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
 
@@ -20,7 +22,9 @@ from PIL import Image
 
 import crd
 import reward
-from reward import Detection, geneval_check, geneval_filter, geneval_relations
+from reward import (GENEVAL_COLOURS, GENEVAL_CROP_BACKGROUND, GENEVAL_OBJECTS, Detection, clip_colour_classifier,
+                    clipscore_reward, geneval_check, geneval_filter, geneval_relations, geneval_reward,
+                    mask2former_instances, mask2former_labels, pickscore_reward)
 
 
 def randn(*shape, seed=0):
@@ -1159,3 +1163,410 @@ def test_every_shipped_metadata_line_validates():
 def test_object_names_match_the_shipped_list():
     with open(os.path.join(GENEVAL_DIR, "object_names.txt")) as file:
         assert tuple(file.read().splitlines()) == reward.GENEVAL_OBJECTS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-backed rewards (reward.py: GenEval's Mask2Former + CLIP colour, PickScore, CLIPScore) on tiny RANDOM models
+# built from configs, saved with save_pretrained and loaded back through the factories' from_pretrained path.
+# ---------------------------------------------------------------------------------------------------------------
+CHARS = string.ascii_lowercase + string.digits + "\"'.,!?-&:{}[]_"
+CLIP_MAX_LENGTH = 64
+
+
+def build_tokenizer(directory):
+    """A character-level CLIPTokenizer (every character a token, no BPE merges), saved to `directory`."""
+    from transformers import CLIPTokenizer
+
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    vocab.update({c + "</w>": len(CHARS) + i for i, c in enumerate(CHARS)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                         model_max_length=CLIP_MAX_LENGTH, pad_token="<|endoftext|>")
+
+
+def build_clip(directory, seed=0):
+    """A tiny random CLIPModel + CLIPProcessor (32x32 images), saved to `directory`; returns (model, processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+def build_detector(directory, seed=0, num_queries=1, boost_class=None):
+    """A tiny random COCO-instance Mask2Former (Swin backbone, 80 classes) + image processor, saved to `directory`.
+
+    boost_class: a class index whose logit is raised by 30 for every query (so the detector is sure of it).
+    """
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers.models.mask2former.image_processing_mask2former import Mask2FormerImageProcessor
+
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=80, feature_size=32, mask_feature_size=32,
+                               hidden_dim=32, encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, dim_feedforward=32, num_queries=num_queries)
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    if boost_class is not None:
+        with torch.no_grad():
+            model.class_predictor.bias[boost_class] += 30.0
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clip")
+    build_clip(directory)
+    return directory
+
+
+def image(seed, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def outputs(class_logits, mask_logits):
+    return SimpleNamespace(class_queries_logits=torch.as_tensor(class_logits, dtype=torch.float32)[None],
+                           masks_queries_logits=torch.as_tensor(mask_logits, dtype=torch.float32)[None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mask2Former post-processing
+# ---------------------------------------------------------------------------------------------------------------
+def test_instances_scores_boxes_masks_on_known_outputs():
+    # Query 0: class 16 ("dog") certain; its mask logit is +2 on a 2x3 block of a 4x4 grid, -2 elsewhere. Query 1:
+    # the "no object" class wins outright, so no real class gets a real probability.
+    classes = torch.full((2, 81), -20.0)
+    classes[0, 16] = 10.0
+    classes[1, 80] = 10.0
+    masks = torch.full((2, 4, 4), -2.0)
+    masks[0, 1:3, 0:3] = 2.0  # rows 1-2, columns 0-2
+    found = mask2former_instances(outputs(classes, masks), (4, 4), GENEVAL_OBJECTS, top_k=3)
+    assert len(found) == 3
+    best = found[0]
+    assert best.label == "dog"
+    expected_mask = np.zeros((4, 4), dtype=bool)
+    expected_mask[1:3, 0:3] = True
+    np.testing.assert_array_equal(best.mask, expected_mask)
+    assert best.box == (0.0, 1.0, 3.0, 3.0)  # (first column, first row, last column + 1, last row + 1)
+    prob = torch.softmax(classes[0], dim=0)[16].item()
+    assert best.score == pytest.approx(prob * (1 / (1 + math.exp(-2.0))), rel=1e-5)
+    # The no-object class is dropped: every label is one of the 80, and query 1 contributes only ~0 scores.
+    assert all(d.label in GENEVAL_OBJECTS for d in found)
+    assert all(d.score < 1e-6 for d in found[1:])
+
+
+def test_instances_drop_no_object_class_before_top_k():
+    # The no-object class (last) has the highest logit; it must never be picked, and the softmax includes it.
+    classes = torch.tensor([[0.0] * 80 + [5.0]])
+    classes[0, 3] = 4.0
+    masks = torch.ones((1, 2, 2))
+    found = mask2former_instances(outputs(classes, masks), (2, 2), GENEVAL_OBJECTS, top_k=1)
+    assert [d.label for d in found] == ["motorcycle"]
+    expected = torch.softmax(classes[0], dim=0)[3].item() * torch.sigmoid(torch.tensor(1.0)).item()
+    assert found[0].score == pytest.approx(expected, rel=1e-5)
+
+
+def test_instances_top_k_over_queries_and_classes():
+    # Probabilities of (query, class): (1, 5) ~0.73 > (0, 2) ~0.5 (query 0 shares with "no object") > (1, 7)
+    # ~0.27 > everything else (~1e-8); top_k=3 picks those, in that order.
+    classes = torch.full((2, 81), -10.0)
+    classes[0, 2], classes[0, 80] = 8.0, 8.0
+    classes[1, 5], classes[1, 7] = 9.0, 8.0
+    masks = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 1.0)])
+    found = mask2former_instances(outputs(classes, masks), (2, 2), GENEVAL_OBJECTS, top_k=3)
+    assert [d.label for d in found] == [GENEVAL_OBJECTS[5], GENEVAL_OBJECTS[2], GENEVAL_OBJECTS[7]]
+    # each takes its own query's mask: query 1 (logit 1) for classes 5 and 7, query 0 (logit 3) for class 2
+    probs = torch.softmax(classes, dim=1)
+    sig = torch.sigmoid(torch.tensor([3.0, 1.0]))
+    assert [d.score for d in found] == pytest.approx(
+        [(probs[1, 5] * sig[1]).item(), (probs[0, 2] * sig[0]).item(), (probs[1, 7] * sig[1]).item()], rel=1e-5)
+    assert len(mask2former_instances(outputs(classes, masks), (2, 2), GENEVAL_OBJECTS, top_k=1000)) == 2 * 80
+
+
+def test_instances_threshold_at_logit_zero_and_empty_mask():
+    classes = torch.full((2, 81), -10.0)
+    classes[0, 0], classes[1, 1] = 10.0, 9.0
+    # query 0: one pixel exactly 0 (not in the mask), one at 0.01 (in it); query 1: all negative -> empty mask
+    masks = torch.tensor([[[0.0, 0.01], [-1.0, -1.0]], [[-0.01, -3.0], [-1.0, -2.0]]])
+    found = mask2former_instances(outputs(classes, masks), (2, 2), GENEVAL_OBJECTS, top_k=2)
+    np.testing.assert_array_equal(found[0].mask, [[False, True], [False, False]])
+    assert found[0].box == (1.0, 0.0, 2.0, 1.0)
+    assert found[0].score == pytest.approx(torch.softmax(classes[0], 0)[0].item() * torch.sigmoid(
+        torch.tensor(0.01)).item(), rel=1e-5)
+    assert not found[1].mask.any()
+    assert found[1].score == 0.0 and found[1].box == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_instances_upsample_bilinear_to_image_size():
+    # A 2x2 mask logit map upsampled to an 8-wide, 4-high image (image_size is PIL's (W, H)).
+    classes = torch.full((1, 81), -10.0)
+    classes[0, 0] = 10.0
+    masks = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0]]])  # right column positive
+    found = mask2former_instances(outputs(classes, masks), (8, 4), GENEVAL_OBJECTS, top_k=1)
+    detection = found[0]
+    assert detection.mask.shape == (4, 8)
+    expected_logits = torch.nn.functional.interpolate(masks[None], size=(4, 8), mode="bilinear",
+                                                      align_corners=False)[0, 0]
+    np.testing.assert_array_equal(detection.mask, (expected_logits > 0).numpy())
+    assert detection.mask[:, 4:].all() and not detection.mask[:, :4].any()
+    assert detection.box == (4.0, 0.0, 8.0, 4.0)
+    inside = torch.sigmoid(expected_logits[expected_logits > 0]).mean().item()
+    assert detection.score == pytest.approx(torch.softmax(classes[0], 0)[0].item() * inside, rel=1e-5)
+
+
+def test_instances_pick_batch_index():
+    classes = torch.full((2, 1, 81), -10.0)
+    classes[0, 0, 1], classes[1, 0, 2] = 10.0, 10.0
+    batch = SimpleNamespace(class_queries_logits=classes, masks_queries_logits=torch.ones((2, 1, 2, 2)))
+    assert mask2former_instances(batch, (2, 2), GENEVAL_OBJECTS, top_k=1, index=1)[0].label == GENEVAL_OBJECTS[2]
+
+
+def test_labels_map_checkpoint_names_and_placeholders():
+    coco = {i: name for i, name in enumerate(GENEVAL_OBJECTS)}
+    coco.update({64: "mouse", 65: "remote", 66: "keyboard"})
+    assert mask2former_labels(coco) == GENEVAL_OBJECTS
+    assert mask2former_labels({str(i): f"LABEL_{i}" for i in range(80)}) == GENEVAL_OBJECTS
+    swapped = dict(coco)
+    swapped[0], swapped[1] = coco[1], coco[0]
+    assert mask2former_labels(swapped)[:2] == ("bicycle", "person")
+    with pytest.raises(ValueError, match="80"):
+        mask2former_labels({i: GENEVAL_OBJECTS[i] for i in range(79)})
+    with pytest.raises(ValueError, match="wall"):
+        mask2former_labels({**coco, 5: "wall"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP colour classifier
+# ---------------------------------------------------------------------------------------------------------------
+def test_colour_classifier_returns_a_colour_of_the_crop(clip_dir, monkeypatch):
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    colour_of = clip_colour_classifier(model, processor, "cpu")
+    picture = Image.new("RGB", (40, 30), (200, 10, 10))
+    mask = np.zeros((30, 40), dtype=bool)
+    mask[5:15, 10:20] = True
+    detection = Detection(label="dog", score=0.9, mask=mask, box=(8, 3, 24, 17))
+
+    seen = []
+    real_call = type(processor).__call__
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("images") is not None:
+            seen.extend(kwargs["images"])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(processor), "__call__", spy)
+    colour = colour_of(picture, detection)
+    assert colour in GENEVAL_COLOURS
+    # The crop reaches CLIP: the box's size, object pixels red, the rest #999 grey.
+    assert len(seen) == 1 and seen[0].size == (16, 14)
+    crop = np.asarray(seen[0])
+    assert tuple(crop[0, 0]) == GENEVAL_CROP_BACKGROUND
+    assert tuple(crop[2 + 5, 2 + 5]) == (200, 10, 10)
+
+    # The pick is the argmax of image . (mean of the 3 templates' normalised text embeddings, re-normalised).
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        pixels = real_call(processor, images=[reward.colour_crop(picture, detection)], return_tensors="pt")
+        image_emb = normalize(model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output, dim=-1)
+        scores = []
+        for name in GENEVAL_COLOURS:
+            texts = [t.format(colour=name, object="dog") for t in reward.GENEVAL_COLOUR_TEMPLATES]
+            tokens = real_call(processor, text=texts, return_tensors="pt", padding=True)
+            text_emb = normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+            scores.append((image_emb[0] @ normalize(text_emb.mean(0), dim=-1)).item())
+    assert colour == GENEVAL_COLOURS[int(np.argmax(scores))]
+
+
+def test_colour_classifier_averages_normalised_templates_then_renormalises(monkeypatch):
+    # Hand-made unit embeddings in 2-D, image embedding (1, 0). Right rule (mean of the 3 templates, re-normalised,
+    # argmax of the dot product): orange (0.913). Without re-normalising: red (0.8); first template only or the
+    # best template: yellow (0.95).
+    vectors = {"red": [(0.8, 0.6)] * 3, "orange": [(0.6, 0.8), (0.6, -0.8), (0.6, 0.8)],
+               "yellow": [(0.95, 0.31225), (-1.0, 0.0), (-1.0, 0.0)]}
+    table = {template.format(colour=colour, object="kite"): vectors.get(colour, [(0.0, 1.0)] * 3)[i]
+             for colour in GENEVAL_COLOURS for i, template in enumerate(reward.GENEVAL_COLOUR_TEMPLATES)}
+    monkeypatch.setattr(reward, "clip_text_embeddings",
+                        lambda model, processor, texts, device=None: torch.tensor([table[t] for t in texts]))
+    monkeypatch.setattr(reward, "clip_image_embeddings",
+                        lambda model, processor, images, device=None: torch.tensor([[1.0, 0.0]] * len(images)))
+    colour_of = clip_colour_classifier(None, None, "cpu")
+    detection = Detection(label="kite", score=0.9, mask=None, box=(0, 0, 4, 4))
+    assert colour_of(image(0), detection) == "orange"
+    assert colour_of.colours(image(0), [detection, detection]) == ["orange", "orange"]
+
+
+def test_colour_classifier_caches_text_embeddings_per_object(clip_dir, monkeypatch):
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    calls = []
+    real = reward.clip_text_embeddings
+    monkeypatch.setattr(reward, "clip_text_embeddings", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    colour_of = clip_colour_classifier(model, processor, "cpu")
+    detection = Detection(label="cat", score=0.9, mask=None, box=(0, 0, 10, 10))
+    first = colour_of(image(1), detection)
+    assert colour_of(image(1), detection) == first
+    colour_of(image(2), Detection(label="cup", score=0.9, mask=None, box=(0, 0, 10, 10)))
+    assert len(calls) == 2 and len(calls[0]) == 30 and "a photo of a red cat" in calls[0]
+    assert "a photo of a pink-colored cup" in calls[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GenEval reward end to end
+# ---------------------------------------------------------------------------------------------------------------
+DOG = {"prompt": "a photo of a dog", "tag": "single_object", "include": [{"class": "dog", "count": 1}]}
+CAT = {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+RED_DOG = {"prompt": "a photo of a red dog", "tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}]}
+
+
+def test_geneval_reward_end_to_end(tmp_path, clip_dir):
+    # One query, certain of "dog" (class 16): the detector finds exactly one dog in any image (if its mask is not
+    # empty, checked below), so a dog prompt scores 1 and a cat prompt 0.
+    detector, processor = build_detector(tmp_path / "det", boost_class=GENEVAL_OBJECTS.index("dog"))
+    images = [image(3), image(4, size=(64, 48)), image(5)]
+    for picture in images:
+        with torch.no_grad():
+            out = detector(pixel_values=processor(images=[picture], return_tensors="pt")["pixel_values"])
+        assert (out.masks_queries_logits > 0).any(), "pick another seed: the tiny detector's mask is empty"
+    fn = geneval_reward(detector=str(tmp_path / "det"), clip=str(clip_dir))
+    rewards, info = fn(images, [DOG, json.dumps(CAT), json.dumps(RED_DOG)])
+    assert rewards.dtype == torch.float32 and rewards.shape == (3,)
+    assert ((rewards >= 0) & (rewards <= 1)).all()
+    assert rewards[:2].tolist() == [1.0, 0.0]
+    assert rewards[2].item() in (0.5, 1.0)  # count term 1, colour term 0 or 1
+    assert set(info) == {"geneval/correct", "geneval/strict"}
+    assert info["geneval/correct"] == pytest.approx((1 + rewards[2].item() // 1) / 3)
+    assert info["geneval/strict"] == info["geneval/correct"]
+    again, _ = fn(images, [DOG, json.dumps(CAT), json.dumps(RED_DOG)])
+    assert torch.equal(rewards, again)
+    with pytest.raises(ValueError, match="JSON"):
+        fn(images[:1], ["a photo of a dog"])
+    with pytest.raises(ValueError, match="images"):
+        fn(images[:2], [DOG])
+
+
+def test_geneval_reward_partial_credit_is_clipped(tmp_path, clip_dir):
+    # Three queries all sure of "dog": the detector finds 3 dogs. One dog wanted: count term 1 - 2 = -1, floored at
+    # 0. One dog and three dogs wanted: terms (-1 -> 0, 1), mean 0.5 (0.0 without the floor).
+    detector, processor = build_detector(tmp_path / "det", num_queries=3, boost_class=GENEVAL_OBJECTS.index("dog"))
+    picture = image(6)
+    with torch.no_grad():
+        out = detector(pixel_values=processor(images=[picture], return_tensors="pt")["pixel_values"])
+    assert (out.masks_queries_logits > 0).flatten(1).any(1).all(), "pick another seed: an empty mask"
+    fn = geneval_reward(detector=str(tmp_path / "det"), clip=str(clip_dir))
+    both = {"prompt": "a dog and three dogs", "tag": "two_object",
+            "include": [{"class": "dog", "count": 1}, {"class": "dog", "count": 3}]}
+    rewards, info = fn([picture, picture], [DOG, both])
+    assert rewards.tolist() == [0.0, 0.5] and info == {"geneval/correct": 1.0, "geneval/strict": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PickScore / CLIPScore
+# ---------------------------------------------------------------------------------------------------------------
+def friendly_clip(directory, sign=1.0, logit_scale=math.log(26 * 0.8)):
+    """A tiny CLIP whose image and text embeddings nearly agree (cosine ~ +1, or ~ -1 with sign=-1) but still
+    depend on the input: both final layer norms get a shared bias and small weights, the projections are equal."""
+    model, _ = build_clip(directory)
+    with torch.no_grad():
+        for norm, bias_sign in ((model.text_model.final_layer_norm, 1.0), (model.vision_model.post_layernorm, sign)):
+            norm.weight.mul_(0.3)
+            norm.bias.copy_(torch.linspace(-1, 1, norm.bias.numel()) * bias_sign + 0.5 * bias_sign)
+        model.visual_projection.weight.copy_(model.text_projection.weight)
+        model.logit_scale.fill_(logit_scale)
+    model.save_pretrained(directory)
+    return model
+
+
+def cosines(model, directory, images, texts):
+    from transformers import CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(directory)
+    with torch.no_grad():
+        out = model(**processor(text=texts, images=images, return_tensors="pt", padding=True))
+    return torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+
+
+def test_pickscore_scales_logit_by_26(tmp_path):
+    model = friendly_clip(tmp_path)
+    images, prompts = [image(7), image(8)], ["a red dog", {"prompt": "two cats", "tag": "counting"}]
+    fn = pickscore_reward(model=str(tmp_path), processor=str(tmp_path))
+    rewards, info = fn(images, prompts)
+    expected = 0.8 * cosines(model, tmp_path, images, ["a red dog", "two cats"])
+    assert rewards.dtype == torch.float32 and rewards.shape == (2,) and info == {}
+    assert ((expected > 0.05) & (expected < 0.95)).all() and not torch.allclose(expected[0], expected[1])
+    torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fn(images, prompts)[0], rewards)
+    # a JSON metadata string is read as its "prompt"
+    torch.testing.assert_close(fn(images[:1], [json.dumps(DOG | {"prompt": "a red dog"})])[0], rewards[:1])
+
+
+def test_pickscore_clamps_to_unit_interval(tmp_path):
+    friendly_clip(tmp_path, logit_scale=math.log(100.0))  # 100 x cosine ~1 / 26 > 1
+    rewards, _ = pickscore_reward(model=str(tmp_path), processor=str(tmp_path))([image(9)], ["a dog"])
+    assert rewards.tolist() == [1.0]
+
+
+def test_clipscore_is_clamped_cosine(tmp_path):
+    model = friendly_clip(tmp_path / "up")
+    images, texts = [image(10), image(11)], ["a cat", "a blue bus"]
+    rewards, info = clipscore_reward(model=str(tmp_path / "up"))(images, texts)
+    expected = cosines(model, tmp_path / "up", images, texts)
+    assert ((expected > 0.05) & (expected < 0.999)).all()
+    torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-6)
+    assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
+    friendly_clip(tmp_path / "down", sign=-1.0)  # cosine ~ -1 -> clamped to 0
+    assert clipscore_reward(model=str(tmp_path / "down"))(images, texts)[0].tolist() == [0.0, 0.0]
+
+
+def test_random_clip_rewards_are_deterministic_and_in_range(clip_dir):
+    images, texts = [image(12), image(13), image(14)], ["a dog", "a cat", "a red car"]
+    for factory in (lambda: pickscore_reward(model=str(clip_dir), processor=str(clip_dir)),
+                    lambda: clipscore_reward(model=str(clip_dir))):
+        first, _ = factory()(images, texts)
+        second, _ = factory()(images, texts)
+        assert first.shape == (3,) and ((first >= 0) & (first <= 1)).all()
+        assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading errors
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory,kwarg", [(geneval_reward, "detector"), (pickscore_reward, "model"),
+                                           (clipscore_reward, "model")])
+def test_missing_local_folder_raises_clear_error(tmp_path, factory, kwarg):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(RuntimeError) as error:
+        factory(**{kwarg: missing})
+    message = str(error.value)
+    assert missing in message and "HF_HUB_OFFLINE" in message and "local folder" in message
+
+
+def test_broken_local_folder_raises_clear_error(tmp_path, clip_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError) as error:
+        geneval_reward(detector=str(tmp_path / "empty"), clip=str(clip_dir))
+    assert str(tmp_path / "empty") in str(error.value) and "HF_HUB_OFFLINE" in str(error.value)
