@@ -520,13 +520,16 @@ def load_pipeline(model, dtype=torch.float32, device="cpu"):
 def encode_prompts(pipe, prompts, max_sequence_length, cache=None):
     """Text-encode prompts with the pipeline's own encoders (which may live on the CPU, see text_encoders_on_cpu).
 
-    Returns prompt_embeds (N, L, D) and pooled_prompt_embeds (N, D_pool), on the transformer's device. With a
-    `cache` (a PromptCache) each distinct prompt is encoded once, on its own, and served from the CPU afterwards.
+    prompts: plain strings, or JSON metadata lines (GenEval's format) whose "prompt" field is encoded. Returns
+    prompt_embeds (N, L, D) and pooled_prompt_embeds (N, D_pool), on the transformer's device. With a `cache` (a
+    PromptCache) each distinct prompt is encoded once, on its own, and served from the CPU afterwards.
     """
+    from reward import prompt_text
+
     if cache is not None:
         return cache(pipe, prompts, max_sequence_length)
     device = pipe.text_encoder.device
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=[prompt_text(p) for p in prompts], prompt_2=None, prompt_3=None,
                                               do_classifier_free_guidance=False, device=device,
                                               max_sequence_length=max_sequence_length)
     return embeds.to(pipe.transformer.device), pooled.to(pipe.transformer.device)
@@ -580,6 +583,13 @@ def decode_latents(pipe, latents, chunk_size=32):
     return images
 
 
+def caption(prompt, length=12):
+    """The first `length` characters of a prompt's text (a JSON metadata line gives its "prompt")."""
+    from reward import prompt_text
+
+    return prompt_text(prompt).strip()[:length]
+
+
 def image_grid(images, captions, columns=8, caption_height=12):
     """Tile PIL images into one captioned grid image ("prompt | reward" under each picture)."""
     from PIL import Image, ImageDraw
@@ -620,7 +630,7 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
         pixel_stds += [float(np.asarray(im.convert("L"), dtype=np.float32).std() / 255) for im in batch_images]
         images += batch_images[: max(grid_size - len(images), 0)]
     rewards = torch.cat(rewards)
-    captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
+    captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     return {"reward": float(rewards.mean()), "exact": float((rewards == 1.0).float().mean()), "n": len(prompts),
             "pixel_std": float(np.mean(pixel_stds)), "blank": float(np.mean(np.array(pixel_stds) < 0.02)),
             "unseen": {name: float(torch.cat(unseen[name]).mean()) for name in unseen["fns"]}, "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
@@ -968,13 +978,16 @@ def check_inputs(cfg, world_size=1, training=True, lora=""):
 
     Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
     """
-    from reward import REWARDS, ocr_target
+    import reward
 
     cfg.validate(world_size)
     check_model(cfg.model)
-    for name in [cfg.reward] + [n for n in cfg.eval_rewards.split(",") if n]:
-        if name not in REWARDS:
-            raise InputError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+    unseen = [name for name in cfg.eval_rewards.split(",") if name]
+    for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
+        try:
+            reward.parse_reward_spec(spec)
+        except ValueError as error:
+            raise InputError(f"{flag} {spec!r}: {error}") from None
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
     if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
@@ -987,13 +1000,13 @@ def check_inputs(cfg, world_size=1, training=True, lora=""):
     eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
     if not eval_prompts:
         raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
-    if cfg.reward == "ocr":
-        for path, items in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
-            for line, prompt in enumerate(items, 1):
-                try:
-                    ocr_target(prompt)
-                except ValueError as error:
-                    raise InputError(f"{path}, prompt {line}: {error}") from None
+    for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
+                                      (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
+        for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
+            try:
+                reward.check_prompts(spec, items, start)
+            except ValueError as error:
+                raise InputError(f"{path}: {error}") from None
     if training and len(prompts) < cfg.prompts_per_iteration:
         raise InputError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
                          f"{cfg.prompts_per_iteration}")
@@ -1229,7 +1242,7 @@ def main(cfg, eval_only=False, lora=""):
         stopping = bool(STOP_REQUESTED)  # read once: a stop always comes with a checkpoint
         if rank == 0:
             if iteration % cfg.sample_every == 0:
-                captions = [f"{p.strip()[:12]}|{r:.2f}" for p, r in zip(batch_prompts, rewards_local.tolist())]
+                captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(batch_prompts, rewards_local.tolist())]
                 image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
                     os.path.join(run_dir, f"samples_{iteration:04d}.png"))
             if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or stopping:

@@ -824,14 +824,70 @@ def clipscore_reward(device="cpu", detect_text=True, model="openai/clip-vit-larg
     return clip_similarity_reward(clip, _load_pretrained(CLIPProcessor, model, "CLIPScore processor"))
 
 
-REWARDS = {"ocr": ocr_reward, "ppocr": ppocr_reward, "ink": ink_reward}
+REWARDS = {"ocr": ocr_reward, "ppocr": ppocr_reward, "geneval": geneval_reward, "pickscore": pickscore_reward,
+           "clipscore": clipscore_reward, "ink": ink_reward}
+# What each reward needs of a prompt: fn(prompt) raises ValueError saying what is missing (before any model loads).
+PROMPT_CHECKS = {"ocr": ocr_target, "ppocr": ocr_target, "geneval": geneval_metadata, "pickscore": prompt_text,
+                 "clipscore": prompt_text}
 
 
-def make_reward(name, device="cpu", detect_text=True):
-    """Build the reward `name` from `REWARDS`. Raises ValueError listing the known names if it is unknown.
+def parse_reward_spec(spec):
+    """'ocr' or a weighted sum 'ocr:1,pickscore:0.5' -> [(name, weight), ...] (weight 1 when omitted).
 
-    detect_text: for the OCR rewards, run text detection (True) or read the whole image as one line (False).
+    Raises ValueError naming an unknown reward (with the known ones), a weight that is not a number > 0, a name
+    given twice, or an empty spec.
     """
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](device, detect_text=detect_text)
+    terms = []
+    for part in (p.strip() for p in spec.split(",")):
+        name, _, weight = part.partition(":")
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise ValueError(f"reward {part!r}: the weight after ':' must be a number > 0")
+        if name in (n for n, _ in terms):
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+        terms.append((name, value))
+    return terms
+
+
+def check_prompts(spec, prompts, start=1):
+    """Check that every reward of `spec` can score every prompt, before any model loads.
+
+    prompts: list of prompt strings (plain text or a JSON metadata line), numbered from `start` in messages.
+    Raises ValueError naming the prompt's number and what the reward needs (a quoted OCR target, GenEval metadata).
+    """
+    for name, _ in parse_reward_spec(spec):
+        check = PROMPT_CHECKS.get(name)
+        for i, prompt in enumerate(prompts if check else [], start):
+            try:
+                check(prompt)
+            except ValueError as error:
+                raise ValueError(f"prompt {i} cannot be scored by the {name} reward: {error}") from None
+
+
+def make_reward(spec, device="cpu", detect_text=True):
+    """Build the reward of `spec` ('ocr', or a weighted sum 'ocr:1,pickscore:0.5'; see parse_reward_spec).
+
+    A weighted sum returns sum_k w_k r_k / sum_k w_k, so it stays in [0, 1], with each term's mean logged as info
+    key `<name>` (plus each term's own info). detect_text: for the OCR rewards, run text detection (True) or read
+    the whole image as one line (False). Raises ValueError for an unknown name or a bad weight.
+    """
+    terms = parse_reward_spec(spec)
+    if len(terms) == 1:
+        return REWARDS[terms[0][0]](device, detect_text=detect_text)
+    fns = [(name, weight, REWARDS[name](device, detect_text=detect_text)) for name, weight in terms]
+    total = sum(weight for _, weight, _ in fns)
+
+    def fn(images, prompts):
+        rewards, info = torch.zeros(len(images)), {}
+        for name, weight, term in fns:
+            values, term_info = term(images, prompts)
+            rewards += weight / total * values
+            info |= {name: float(values.mean()) if len(values) else 0.0} | term_info
+        return rewards, info
+
+    return fn

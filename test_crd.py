@@ -5,12 +5,15 @@ changes nothing; theta = old gives a zero implicit reward; the loss vanishes whe
 permutes the per-sample terms), and main() end to end on the embedded model, with an exact resume.
 """
 import contextlib
+import hashlib
 import copy
 import dataclasses
 import math
 import json
 import os
 import string
+import subprocess
+import sys
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
@@ -24,7 +27,7 @@ import crd
 import reward
 from reward import (GENEVAL_COLOURS, GENEVAL_CROP_BACKGROUND, GENEVAL_OBJECTS, Detection, clip_colour_classifier,
                     clipscore_reward, geneval_check, geneval_filter, geneval_relations, geneval_reward,
-                    mask2former_instances, mask2former_labels, pickscore_reward)
+                    mask2former_instances, mask2former_labels, pickscore_reward, validate_geneval_metadata)
 
 
 def randn(*shape, seed=0):
@@ -367,9 +370,6 @@ def test_cli_exposes_every_config_field():
 
 @pytest.mark.parametrize("preset", sorted(crd.PRESETS))
 def test_help_prints_and_exits_zero_for_every_preset(preset):
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(crd.__file__), "crd.py"), "--preset", preset,
                           "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -405,6 +405,62 @@ def test_ocr_rewards_read_clean_renders_and_score_blank_zero(name, detect_text):
                        [f'"{w}"' for w in words] + ['"blank"'])
     assert rewards.shape == (5,) and rewards.dtype == torch.float32
     assert rewards[:4].mean() >= 0.9 and rewards[4] == 0.0 and info["ocr/failures"] == 0
+
+
+def test_reward_specs_weighted_sums_and_per_reward_prompt_checks():
+    assert reward.parse_reward_spec("ocr") == [("ocr", 1.0)]
+    assert reward.parse_reward_spec("ocr:1,pickscore:0.5") == [("ocr", 1.0), ("pickscore", 0.5)]
+    for bad, message in (("ocr:0", "number > 0"), ("ocr:x", "number > 0"), ("ocr,ocr", "twice"),
+                         ("nope:1", "known rewards")):
+        with pytest.raises(ValueError, match=message):
+            reward.parse_reward_spec(bad)
+    reward.check_prompts("ocr:1,clipscore:1", ['"abc"', 'a sign "xyz"'])
+    with pytest.raises(ValueError, match="prompt 12 cannot be scored by the ocr reward"):
+        reward.check_prompts("ocr", ['"abc"', "no quotes"], start=11)
+    line = json.dumps({"prompt": "a photo of a dog", "tag": "single_object", "include": [{"class": "dog", "count": 1}]})
+    reward.check_prompts("geneval", [line])
+    assert reward.prompt_text(line) == "a photo of a dog"
+    with pytest.raises(ValueError, match="prompt 1 cannot be scored by the geneval reward"):
+        reward.check_prompts("geneval", ["a photo of a dog"])  # plain text has no metadata
+
+
+def test_weighted_sum_of_rewards_logs_each_term_and_stays_in_range(tmp_path):
+    """--reward ocr:1,ink:0.5 trains on (r_ocr + 0.5 r_ink) / 1.5 and logs both terms, for 2 iterations."""
+    metrics = crd.main(tiny_config(tmp_path, reward="ocr:1,ink:0.5", ocr_detection=False))
+    assert len(metrics) == 2
+    for m in metrics:
+        assert m["reward/mean"] == pytest.approx((m["reward/ocr"] + 0.5 * m["reward/ink"]) / 1.5, abs=1e-5)
+        assert 0 <= m["reward/mean"] <= 1 and "reward/ocr/exact" in m
+
+
+def test_json_lines_prompts_reach_the_reward_whole_and_the_encoder_as_text(tmp_path, monkeypatch):
+    """A GenEval-format prompt file: the reward gets each JSON line (its metadata intact), the text encoder gets
+    its "prompt" field, and each reward's own prompt check runs before any model loads."""
+    lines = [json.dumps({"prompt": f"a photo of {n} dog", "tag": "counting", "include": [{"class": "dog",
+                         "count": c}], "exclude": [{"class": "dog", "count": c + 1}]}) for n, c in (("two", 2),
+                                                                                                  ("three", 3))]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    seen, encoded = [], []
+
+    def recorder(device="cpu", detect_text=True):
+        def fn(images, batch_prompts):
+            seen.extend(batch_prompts)
+            return torch.full((len(images),), 0.5), {}
+        return fn
+
+    monkeypatch.setitem(reward.REWARDS, "recorder", recorder)
+    monkeypatch.setitem(reward.PROMPT_CHECKS, "recorder", reward.geneval_metadata)
+    original = crd.PromptCache.__call__
+    monkeypatch.setattr(crd.PromptCache, "__call__", lambda self, pipe, p, n: (encoded.extend(p), original(
+        self, pipe, p, n))[1])
+    cfg = tiny_config(tmp_path, reward="recorder", prompts=str(prompts), eval_prompts=str(prompts), iterations=1,
+                      prompt_cache=8)
+    crd.main(cfg)
+    assert set(seen) == set(lines) and all(reward.geneval_metadata(p)["tag"] == "counting" for p in seen)
+    with pytest.raises(crd.InputError, match="cannot be scored by the recorder reward"):
+        crd.check_inputs(dataclasses.replace(cfg, eval_prompts=str(tmp_path / "plain.txt")) if (
+            tmp_path / "plain.txt").write_text('"abc"\n') else None)
 
 
 def test_ink_reward_is_deterministic_and_in_range():
@@ -614,9 +670,6 @@ def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
 
 
 def run_cli(*args, env=None):
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, os.path.join(os.path.dirname(crd.__file__), "crd.py"), *args],
                           capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
@@ -691,9 +744,6 @@ def test_ocr_reward_scores_a_failing_image_zero_and_raises_when_all_fail():
 
 def test_sigint_stops_after_the_iteration_with_a_checkpoint_that_resumes(tmp_path):
     import signal
-    import subprocess
-    import sys
-
     flags = ["--reward", "ink", "--run-name", "sig", "--output-dir", str(tmp_path), "--prompts-per-iteration", "2",
              "--group-size", "2", "--micro-batch-size", "2", "--train-timesteps", "1", "--num-steps", "3",
              "--eval-num-steps", "3", "--eval-count", "2", "--eval-every", "0", "--checkpoint-every", "1000",
@@ -731,9 +781,6 @@ torch.save({"normalized": recorded, "theta": [p.detach().clone() for p in adapte
 
 
 def test_torchrun_two_ranks_agree_with_each_other_and_with_one_process(tmp_path):
-    import subprocess
-    import sys
-
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     cfg = dataclasses.asdict(tiny_config(tmp_path / "out", iterations=2, train_timesteps=2))
@@ -1570,3 +1617,105 @@ def test_broken_local_folder_raises_clear_error(tmp_path, clip_dir):
     with pytest.raises(RuntimeError) as error:
         geneval_reward(detector=str(tmp_path / "empty"), clip=str(clip_dir))
     assert str(tmp_path / "empty") in str(error.value) and "HF_HUB_OFFLINE" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GenEval training prompts: tools/make_geneval_prompts.py and the shipped data/geneval/train_metadata.jsonl
+# ---------------------------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(ROOT, "tools", "make_geneval_prompts.py")
+EVAL_FILE = os.path.join(ROOT, "data", "geneval", "evaluation_metadata.jsonl")
+TRAIN_FILE = os.path.join(ROOT, "data", "geneval", "train_metadata.jsonl")
+MIX_TAGS = {"position", "color_attr", "colors", "counting", "two_object"}  # Flow-GRPO's mix: no single_object
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def run_prompt_script(out, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, SCRIPT, "--out", str(out), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def request(metadata):
+    """Order-free reading of a line, written independently of the script: (tag, clauses, exclude)."""
+    include = metadata["include"]
+    if metadata["tag"] == "position":
+        target, placed = include
+        relation = placed["position"][0]
+        return "position", min((placed["class"], relation, target["class"]),
+                               (target["class"], INVERSE[relation], placed["class"]))
+    return (metadata["tag"],
+            tuple(sorted(json.dumps(c, sort_keys=True) for c in include)),
+            tuple(sorted(json.dumps(c, sort_keys=True) for c in metadata.get("exclude", []))))
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("geneval_prompts")
+    paths = [tmp / "a.jsonl", tmp / "b.jsonl", tmp / "seed1.jsonl"]
+    run_prompt_script(paths[0], "--count", "200", "--seed", "0")
+    run_prompt_script(paths[1], "--count", "200", "--seed", "0")
+    run_prompt_script(paths[2], "--count", "200", "--seed", "1")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def evaluation():
+    return read_lines(EVAL_FILE)
+
+
+def test_geneval_prompt_script_is_deterministic_for_a_seed(small_runs):
+    a, b, other_seed = small_runs
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != other_seed.read_bytes()
+    assert len(read_lines(a)) == 200
+
+
+@pytest.mark.parametrize("which", ["small", "shipped"])
+def test_geneval_train_prompts_valid_and_disjoint_from_evaluation(which, small_runs, evaluation):
+    lines = read_lines(small_runs[0] if which == "small" else TRAIN_FILE)
+    eval_prompts = {m["prompt"].strip().lower() for m in evaluation}
+    eval_requests = {request(m) for m in evaluation}
+    eval_metadata = {json.dumps({k: v for k, v in m.items() if k != "prompt"}, sort_keys=True) for m in evaluation}
+    for metadata in lines:
+        validate_geneval_metadata(metadata)
+        assert set(metadata) <= {"prompt", "tag", "include", "exclude"}
+        assert metadata["prompt"].strip().lower() not in eval_prompts, metadata
+        assert request(metadata) not in eval_requests, metadata  # also "B and A", "B right of A" for "A left of B"
+        assert json.dumps({k: v for k, v in metadata.items() if k != "prompt"}, sort_keys=True) not in eval_metadata
+
+
+@pytest.mark.parametrize("which", ["small", "shipped"])
+def test_geneval_train_prompts_tags_and_counting(which, small_runs):
+    lines = read_lines(small_runs[0] if which == "small" else TRAIN_FILE)
+    tags = {m["tag"] for m in lines}
+    # All six GenEval tags cannot appear: every possible single_object prompt (80 classes) is an evaluation prompt.
+    assert tags == MIX_TAGS
+    for metadata in lines:
+        if metadata["tag"] == "counting":
+            (clause,) = metadata["include"]
+            assert 2 <= clause["count"] <= 4
+            assert metadata["exclude"] == [{"class": clause["class"], "count": clause["count"] + 1}]
+        else:
+            assert "exclude" not in metadata
+
+
+def test_shipped_geneval_train_prompts_match_the_documented_command(tmp_path):
+    # Documented command: python tools/make_geneval_prompts.py (defaults --count 50000 --seed 0; ~5 s on one core);
+    # only --out differs, and the output path does not change the content.
+    out = tmp_path / "train_metadata.jsonl"
+    run_prompt_script(out)
+    assert sha256(out) == sha256(TRAIN_FILE)
