@@ -2,12 +2,19 @@
 
 - `rewards`: float32 Tensor of shape (N,), every value in [0, 1], one per image.
 - `info`: dict of extra per-batch facts to log (e.g. `{"ocr/failures": 2, "ocr/exact": 0.4}`).
+- `prompts`: strings; plain text, or a JSON line of GenEval metadata whose "prompt" is the text (`prompt_text`).
 
-Heavy imports live inside the factories, so `import reward` is cheap. `make_reward(name)` looks a factory up in
-`REWARDS` and raises a ValueError naming the known ones. The OCR reward is the one of Flow-GRPO, DiffusionNFT, AWM
-and the CRD paper (CRD_SPEC.md §8), with EasyOCR in place of PaddleOCR; `ppocr` is the same reward read by
-PaddleOCR's PP-OCRv4 models (a second engine, used as an unseen metric); `ink` is a cheap deterministic reward
-for tests.
+Heavy imports live inside the factories, so `import reward` is cheap. `make_reward(spec)` builds `REWARDS[name]`
+or a weighted sum ('ocr:1,pickscore:0.5'), and `check_prompts(spec, prompts)` runs each reward's own prompt check
+(`PROMPT_CHECKS`) before any model loads; both raise ValueError naming the problem. The rewards:
+- `ocr`: the OCR reward of Flow-GRPO, DiffusionNFT, AWM and the CRD paper (CRD_SPEC.md §8), read by EasyOCR in
+  place of PaddleOCR; `ppocr`: the same reward read by PaddleOCR's PP-OCRv4 models (a second engine, used as an
+  unseen metric).
+- `geneval`: GenEval's rules (djghosh13/geneval) as pure functions over detections, on a transformers
+  Mask2Former detector and a CLIP colour classifier; the partial-credit score Flow-GRPO and DiffusionNFT train on.
+- `pickscore`, `clipscore`: preference / alignment metrics (CLIP models from transformers), for unseen-metric
+  checks.
+- `ink`: a cheap deterministic reward for tests.
 """
 import re
 from dataclasses import dataclass
