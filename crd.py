@@ -149,6 +149,9 @@ class Config:
     eval_rewards: str = "ppocr"
     """comma-separated rewards also scored at every held-out evaluation but never optimised (unseen metrics; ppocr =
     the OCR reward read by PaddleOCR's PP-OCRv4, a second engine); '' = none"""
+    reward_options: str = ""
+    """the reward factories' arguments, NAME.ARGUMENT=VALUE comma-separated: model ids or local folders (e.g.
+    geneval.detector=DIR,geneval.clip=DIR,pickscore.model=DIR), geneval.position_bug=true; '' = their defaults"""
     ocr_detection: bool = False
     """OCR rewards detect text boxes before reading them (full-size images); off: the recogniser reads the whole
     image as one line (the tiny model's 96x32 single-line renders, ~2x faster)"""
@@ -309,7 +312,19 @@ def sd35m_ocr():
         prompt_cache=2048, ocr_detection=True)
 
 
-PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr}
+def sd35m_geneval():
+    """GenEval on SD3.5-M: the OCR recipe, with DiffusionNFT's GenEval values where the paper's are unknown (one
+    optimizer step per iteration; its sampler schedule min(0.001 s, 0.5); the port's generic old-model schedule
+    min(0.25 + 0.001 s, 0.5)), trained on data/geneval/train_metadata.jsonl, scored on GenEval's 553 prompts."""
+    return dataclasses.replace(
+        sd35m_ocr(), run_name="crd-sd35m-geneval", reward="geneval", eval_rewards="clipscore,pickscore",
+        prompts=os.path.join(HERE, "data", "geneval", "train_metadata.jsonl"),
+        eval_prompts=os.path.join(HERE, "data", "geneval", "evaluation_metadata.jsonl"), eval_count=553,
+        optimizer_steps_per_iteration=1, old_decay_start=0.25, old_decay_rate=0.001, old_decay_max=0.5,
+        sampler_decay_delay=0, sampler_decay_rate=0.001, sampler_decay_max=0.5)
+
+
+PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr, "sd35m_geneval": sd35m_geneval}
 
 
 def field_docs(cls):
@@ -613,27 +628,45 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
 
     Samples one image per prompt with seeds seed, seed+1, ... (the same noise for every model compared), scores
     them with `reward_fn` and returns dict(reward=mean in [0, 1], exact=fraction scoring 1.0, n=len(prompts),
-    rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples, and two reward-hacking signs:
-    pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02), and
-    unseen={name: mean reward} for the rewards of `unseen` ({name: reward fn}, scored on the same images).
+    rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples, two reward-hacking signs:
+    pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02),
+    unseen={name: mean reward} for the rewards of `unseen` ({name: reward fn}, scored on the same images),
+    per_image={key: mean} for per-image info of the reward (e.g. GenEval's binary geneval/correct), and, when the
+    prompts carry a GenEval "tag", per_tag={tag: {"reward": mean, key: mean, ...}} and tag_mean={same keys: mean
+    over the tags} (GenEval's overall score is the mean over its six tags of geneval/correct).
     """
-    rewards, images, pixel_stds, unseen = [], [], [], {name: [] for name in (unseen or {})} | {"fns": unseen or {}}
+    from reward import prompt_tag
+
+    rewards, images, pixel_stds, per_image = [], [], [], collections.defaultdict(list)
+    unseen_rewards = {name: [] for name in (unseen or {})}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         embeds, pooled = encode_prompts(pipe, batch, max_sequence_length, prompt_cache)
         latents = sample_latents(pipe, embeds, pooled, range(seed + start, seed + start + len(batch)), height,
                                  width, num_steps, guidance_scale, max_sequence_length)
         batch_images = decode_latents(pipe, latents)
-        rewards.append(reward_fn(batch_images, batch)[0])
-        for name, fn in unseen["fns"].items():
-            unseen[name].append(fn(batch_images, batch)[0])
+        batch_rewards, info = reward_fn(batch_images, batch)
+        rewards.append(batch_rewards)
+        for key, value in info.items():
+            if torch.is_tensor(value) and value.shape == batch_rewards.shape:
+                per_image[key].append(value.float())
+        for name, fn in (unseen or {}).items():
+            unseen_rewards[name].append(fn(batch_images, batch)[0])
         pixel_stds += [float(np.asarray(im.convert("L"), dtype=np.float32).std() / 255) for im in batch_images]
         images += batch_images[: max(grid_size - len(images), 0)]
     rewards = torch.cat(rewards)
+    values = {"reward": rewards} | {key: torch.cat(parts) for key, parts in per_image.items()}
+    tags = [prompt_tag(p) for p in prompts]
+    per_tag = {tag: {key: float(v[[t == tag for t in tags]].mean()) for key, v in values.items()}
+               for tag in sorted({t for t in tags if t is not None})}
     captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     return {"reward": float(rewards.mean()), "exact": float((rewards == 1.0).float().mean()), "n": len(prompts),
             "pixel_std": float(np.mean(pixel_stds)), "blank": float(np.mean(np.array(pixel_stds) < 0.02)),
-            "unseen": {name: float(torch.cat(unseen[name]).mean()) for name in unseen["fns"]}, "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
+            "unseen": {name: float(torch.cat(parts).mean()) for name, parts in unseen_rewards.items()},
+            "per_image": {key: float(v.mean()) for key, v in values.items() if key != "reward"},
+            "per_tag": per_tag, "tag_mean": {key: float(np.mean([t[key] for t in per_tag.values()]))
+                                             for key in values} if per_tag else {},
+            "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
 
 
 def read_prompts(path):
@@ -872,7 +905,8 @@ def plot_rewards(metrics, path):
     if held_out:
         ax.plot(*zip(*held_out), "o-", label="held-out prompts (theta, no CFG)")
     eval_keys = {"eval/reward", "eval/exact", "eval/iteration", "eval/pixel_std", "eval/blank"}
-    for key in sorted({k for m in metrics for k in m if k.startswith("eval/") and k not in eval_keys}):
+    for key in sorted({k for m in metrics for k in m if k.startswith("eval/") and k not in eval_keys
+                       and "/" not in k[5:]}):  # eval/<name>: an unseen metric
         ax.plot(*zip(*[(m["eval/iteration"], m[key]) for m in metrics if key in m]), "s--",
                 label=f"held-out, unseen metric {key[5:]}")
     ax.set(xlabel="iteration", ylabel="reward", ylim=(0, 1))
@@ -988,6 +1022,10 @@ def check_inputs(cfg, world_size=1, training=True, lora=""):
             reward.parse_reward_spec(spec)
         except ValueError as error:
             raise InputError(f"{flag} {spec!r}: {error}") from None
+    try:
+        reward.parse_reward_options(cfg.reward_options)
+    except ValueError as error:
+        raise InputError(f"--reward-options: {error}") from None
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
     if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
@@ -1092,7 +1130,7 @@ def main(cfg, eval_only=False, lora=""):
     """Run CRD and return the per-iteration metrics; with eval_only, score --model [+ lora] and return that dict."""
     from tqdm import tqdm
 
-    from reward import make_reward
+    from reward import make_reward, parse_reward_options
 
     rank, world_size, local_rank = setup_distributed()
     prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only, lora=lora)
@@ -1115,8 +1153,9 @@ def main(cfg, eval_only=False, lora=""):
     say(f"reward {cfg.reward} (OCR rewards read by {reading}); unseen metrics at evaluation: "
         f"{', '.join(unseen_names) or 'none'}")
 
-    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection)
-    unseen = {name: make_reward(name, device, cfg.ocr_detection) for name in unseen_names if rank == 0}
+    options = parse_reward_options(cfg.reward_options)
+    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection, options)
+    unseen = {name: make_reward(name, device, cfg.ocr_detection, options) for name in unseen_names if rank == 0}
     pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
@@ -1137,8 +1176,13 @@ def main(cfg, eval_only=False, lora=""):
                 "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
         say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
             f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
+            + "".join(f", {k} {v:.4f}" for k, v in result["per_image"].items())
             + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
             + f"; grid in {run_dir}/eval_grid.png")
+        for tag, values in result["per_tag"].items():  # GenEval: one line per tag, then the mean over tags
+            say(f"  {tag:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if result["tag_mean"]:
+            say(f"  {'mean of tags':14s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["tag_mean"].items()))
         return result
 
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
@@ -1172,7 +1216,9 @@ def main(cfg, eval_only=False, lora=""):
             tracker.log({}, iteration, images={"eval/grid": result["grid"]})
             log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
                         "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
-                        **{f"eval/{k}": v for k, v in result["unseen"].items()}, "time/eval": time.time() - t0})
+                        **{f"eval/{k}": v for k, v in result["unseen"].items() | result["per_image"].items()},
+                        **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
+                           for k, v in values.items()}, "time/eval": time.time() - t0})
             say(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
                 f"(exact {result['exact']:.3f}, {result['n']} prompts)"
                 + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
@@ -1208,7 +1254,8 @@ def main(cfg, eval_only=False, lora=""):
         rewards_normalized = normalize_rewards(rewards.view(-1, cfg.group_size)).flatten()
         log.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                     "reward/group_std": rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
-                    **{f"reward/{k}": v for k, v in info.items()}, "time/reward": time.time() - t0})
+                    **{f"reward/{k}": float(v.float().mean()) if torch.is_tensor(v) else v for k, v in info.items()},
+                    "time/reward": time.time() - t0})
 
         # Alg. 1, lines 4-7: CRD + KL loss, gradient accumulation, optimizer steps
         t0 = time.time()

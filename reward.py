@@ -1,7 +1,8 @@
 """Rewards for CRD: each is a factory returning `fn(images, prompts) -> (rewards, info)`.
 
 - `rewards`: float32 Tensor of shape (N,), every value in [0, 1], one per image.
-- `info`: dict of extra per-batch facts to log (e.g. `{"ocr/failures": 2, "ocr/exact": 0.4}`).
+- `info`: dict of extra facts to log: numbers for the batch (e.g. `{"ocr/failures": 2, "ocr/exact": 0.4}`) or
+  float32 (N,) tensors of per-image values (e.g. GenEval's binary `geneval/correct`), logged as their mean.
 - `prompts`: strings; plain text, or a JSON line of GenEval metadata whose "prompt" is the text (`prompt_text`).
 
 Heavy imports live inside the factories, so `import reward` is cheap. `make_reward(spec)` builds `REWARDS[name]`
@@ -716,6 +717,18 @@ def prompt_text(prompt):
     return prompt
 
 
+def prompt_tag(prompt):
+    """The GenEval "tag" of a prompt given as metadata (a dict or its JSON line), else None."""
+    import json
+
+    if isinstance(prompt, str) and prompt.lstrip().startswith("{"):
+        try:
+            prompt = json.loads(prompt)
+        except json.JSONDecodeError:
+            return None
+    return prompt.get("tag") if isinstance(prompt, dict) else None
+
+
 def _check_lengths(images, prompts):
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
@@ -733,7 +746,8 @@ def geneval_reward(device="cpu", detect_text=True, detector="facebook/mask2forme
     The returned fn takes N PIL images and N prompts, each a GenEval metadata dict ("prompt", "tag", "include",
     optional "exclude") or its JSON string, and returns (rewards, info): rewards float32 (N,) in [0, 1], the
     reward-server's partial credit with count terms floored at 0 (`geneval_check(..., clip_count_terms=True)`);
-    info {"geneval/correct": fraction the benchmark counts correct, "geneval/strict": fraction strictly correct}.
+    info {"geneval/correct": float32 (N,), 1 where the benchmark counts the image correct, "geneval/strict": float32
+    (N,), 1 where it is strictly correct} (per-image values: crd.py logs their mean and groups them by tag).
     Images of one size are detected in one batch (`mask2former_instances`, top 100 per image).
 
     Raises RuntimeError naming the model if one cannot be loaded (no network: pass a local folder or set
@@ -770,9 +784,8 @@ def geneval_reward(device="cpu", detect_text=True, detector="facebook/mask2forme
                                  position_bug=position_bug, clip_count_terms=True)
                    for image, detections, meta in zip(images, detect(images), metadata)]
         rewards = torch.tensor([min(max(r.score, 0.0), 1.0) for r in results], dtype=torch.float32)
-        n = max(len(results), 1)
-        return rewards, {"geneval/correct": sum(r.correct for r in results) / n,
-                         "geneval/strict": sum(r.strict_correct for r in results) / n}
+        return rewards, {"geneval/correct": torch.tensor([float(r.correct) for r in results]),
+                         "geneval/strict": torch.tensor([float(r.strict_correct) for r in results])}
 
     return fn
 
@@ -876,17 +889,43 @@ def check_prompts(spec, prompts, start=1):
                 raise ValueError(f"prompt {i} cannot be scored by the {name} reward: {error}") from None
 
 
-def make_reward(spec, device="cpu", detect_text=True):
+def parse_reward_options(text):
+    """'geneval.detector=DIR,pickscore.model=ID' -> {"geneval": {"detector": "DIR"}, "pickscore": {"model": "ID"}}.
+
+    Overrides the keyword arguments of the reward factories (their model ids, `position_bug`: 'true'/'false').
+    Raises ValueError for a malformed item, an unknown reward, or an argument its factory does not take.
+    """
+    import inspect
+
+    options = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        key, equals, value = item.partition("=")
+        name, dot, argument = key.partition(".")
+        if not equals or not dot:
+            raise ValueError(f"reward option {item!r}: write NAME.ARGUMENT=VALUE, e.g. geneval.detector=path/to/dir")
+        if name not in REWARDS:
+            raise ValueError(f"reward option {item!r}: unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+        allowed = [p for p in inspect.signature(REWARDS[name]).parameters if p not in ("device", "detect_text")]
+        if argument not in allowed:
+            raise ValueError(f"reward option {item!r}: {name} takes {', '.join(allowed) or 'no options'}")
+        options.setdefault(name, {})[argument] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+def make_reward(spec, device="cpu", detect_text=True, options=None):
     """Build the reward of `spec` ('ocr', or a weighted sum 'ocr:1,pickscore:0.5'; see parse_reward_spec).
 
     A weighted sum returns sum_k w_k r_k / sum_k w_k, so it stays in [0, 1], with each term's mean logged as info
     key `<name>` (plus each term's own info). detect_text: for the OCR rewards, run text detection (True) or read
-    the whole image as one line (False). Raises ValueError for an unknown name or a bad weight.
+    the whole image as one line (False). options: {name: {argument: value}} for the factories (see
+    parse_reward_options). Raises ValueError for an unknown name or a bad weight.
     """
+    options = options or {}
     terms = parse_reward_spec(spec)
     if len(terms) == 1:
-        return REWARDS[terms[0][0]](device, detect_text=detect_text)
-    fns = [(name, weight, REWARDS[name](device, detect_text=detect_text)) for name, weight in terms]
+        return REWARDS[terms[0][0]](device, detect_text=detect_text, **options.get(terms[0][0], {}))
+    fns = [(name, weight, REWARDS[name](device, detect_text=detect_text, **options.get(name, {})))
+           for name, weight in terms]
     total = sum(weight for _, weight, _ in fns)
 
     def fn(images, prompts):
@@ -894,7 +933,7 @@ def make_reward(spec, device="cpu", detect_text=True):
         for name, weight, term in fns:
             values, term_info = term(images, prompts)
             rewards += weight / total * values
-            info |= {name: float(values.mean()) if len(values) else 0.0} | term_info
+            info |= {name: values.clone()} | term_info  # per-image: logged as the mean
         return rewards, info
 
     return fn

@@ -7,15 +7,18 @@ and an interrupted one resumed (`--resume auto`), so the grid can be filled in p
     python bench/ablate.py --variants crd,nft,anchor-only --seeds 0,1,2   # ~12 min per run on 2 CPU cores
     python bench/ablate.py --report                                        # docs/ablation*.csv, docs/ablation.png
 
-The report reads each run's metrics.jsonl (held-out OCR reward of theta, no CFG, every 15 iterations, with the
-reward-hacking signs: fraction of near-blank images, mean per-image grey-level std). `--report --rescore` scores
-each saved final LoRA once more with `crd.py --eval --lora` instead (a check that the saved LoRA, loaded the
-diffusers way, is the model that was evaluated; ~1 min per run). Variants with fewer seeds than asked are reported
-with the seeds they have.
+The report reads each run's metrics.jsonl (held-out OCR reward of theta, no CFG, at every evaluation, with the
+unseen PP-OCRv4 metric when it was logged and the reward-hacking signs: fraction of near-blank images, mean
+per-image grey-level std) and scores each final LoRA once on the second half of the held-out list (prompts
+257-512, `crd.py --eval --eval-start 256`; cached, ~1 min per run), which no choice of setting or checkpoint has
+seen. `--report --rescore` also re-scores the first half from the saved LoRA instead of the run's own last
+evaluation. Variants with fewer seeds than asked are reported with the seeds they have. `--out` and `--name` keep
+grids apart (runs under --out, docs/<name>*.csv and .png).
 
 The grid in docs/ablation* was run on the previous embedded model (step 4,500 of the same pretraining run, shipped
-up to commit cf35ed8; `python tools/pretrain_tiny.py --keep-step 4500` rebuilds it into assets/), and THRESHOLD
-sits between that model's scores without and with CFG.
+up to commit cf35ed8; `python tools/pretrain_tiny.py --keep-step 4500` rebuilds it into assets/) with the defaults
+of that time, and its threshold (0.45) sits between that model's scores without and with CFG; docs/main* is the
+grid on the current model and defaults (`--out runs/main --name main --threshold 0.6`).
 """
 import argparse
 import csv
@@ -26,9 +29,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "runs", "ablate")
 DOCS = os.path.join(ROOT, "docs")
-THRESHOLD = 0.45  # held-out reward between the step-4,500 base without CFG (0.34) and with CFG 4.5 (0.51)
 
 VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "crd": [],
@@ -44,9 +45,10 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
 }
 
 
-def command(variant, seed, iterations):
+def command(variant, seed, iterations, out):
     return ["python", "crd.py", "--reward", "ocr", *VARIANTS[variant], "--seed", str(seed),
-            "--iterations", str(iterations), "--output-dir", "runs/ablate", "--run-name", f"{variant}-s{seed}"]
+            "--iterations", str(iterations), "--output-dir", os.path.relpath(out, ROOT), "--run-name",
+            f"{variant}-s{seed}"]
 
 
 def read_metrics(run_dir):
@@ -61,27 +63,29 @@ def finished(run_dir, iterations):
     return any(m.get("eval/iteration") == iterations for m in read_metrics(run_dir))
 
 
-def run(variants, seeds, iterations):
+def run(variants, seeds, iterations, out):
     for seed in seeds:  # seeds outermost: a partial grid still covers every variant
         for variant in variants:
-            run_dir = os.path.join(OUT, f"{variant}-s{seed}")
+            run_dir = os.path.join(out, f"{variant}-s{seed}")
             if finished(run_dir, iterations):
                 print(f"{variant} seed {seed}: done, skipped", flush=True)
                 continue
-            cmd = command(variant, seed, iterations)
+            cmd = command(variant, seed, iterations, out)
             if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 cmd += ["--resume", "auto"]
             print(" ".join(cmd), flush=True)
             subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True)
 
 
-def final_eval(run_dir):
-    """Score the run's final LoRA on the held-out prompts (once; cached in <run>/final/eval.json)."""
-    path = os.path.join(run_dir, "final", "eval.json")
+def final_eval(run_dir, start=0):
+    """Score the run's final LoRA on held-out prompts start+1 ... start+256 (once; cached in
+    <run>/final[-START]/eval.json)."""
+    folder = os.path.join(run_dir, "final" + (f"-{start}" if start else ""))
+    path = os.path.join(folder, "eval.json")
     if not os.path.isfile(path):
-        name = os.path.relpath(os.path.join(run_dir, "final"), OUT)
-        subprocess.run([sys.executable, "crd.py", "--eval", "--reward", "ocr", "--output-dir", OUT,
-                        "--lora", os.path.join(run_dir, "lora"), "--run-name", name], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "crd.py", "--eval", "--reward", "ocr", "--eval-start", str(start),
+                        "--output-dir", os.path.dirname(folder), "--lora", os.path.join(run_dir, "lora"),
+                        "--run-name", os.path.basename(folder)], cwd=ROOT, check=True)
     with open(path) as f:
         return json.load(f)
 
@@ -91,15 +95,16 @@ def final_scores(run_dir, metrics, iterations, rescore=False):
     or a re-score of the saved LoRA (with `rescore`, or for runs logged before pixel_std / blank were recorded)."""
     last = next(m for m in metrics if m.get("eval/iteration") == iterations)
     if rescore or "eval/pixel_std" not in last:
-        return final_eval(run_dir)
-    return {k: last[f"eval/{k}"] for k in ("reward", "exact", "blank", "pixel_std")}
+        result = final_eval(run_dir)
+        return result | {"ppocr": result.get("unseen", {}).get("ppocr")}
+    return {k: last.get(f"eval/{k}") for k in ("reward", "exact", "blank", "pixel_std", "ppocr")}
 
 
 def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
 
 
-def report(iterations, rescore=False):
+def report(iterations, out, name, threshold, rescore=False):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,22 +113,26 @@ def report(iterations, rescore=False):
     rows, curves = [], {}
     for variant in VARIANTS:
         for seed in range(100):
-            run_dir = os.path.join(OUT, f"{variant}-s{seed}")
+            run_dir = os.path.join(out, f"{variant}-s{seed}")
             if not finished(run_dir, iterations):
                 continue
             metrics = read_metrics(run_dir)
             evals = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
             final = final_scores(run_dir, metrics, iterations, rescore)
-            reached = [i for i, r in evals if r >= THRESHOLD]
+            second = final_eval(run_dir, start=256)  # held-out prompts 257-512: seen by no choice
+            reached = [i for i, r in evals if r >= threshold]
             rows.append({"variant": variant, "seed": seed, "final_reward": dict(evals)[iterations],
-                         "final_exact": final["exact"], "iterations_to_threshold": reached[0] if reached else "",
+                         "final_exact": final["exact"], "final_unseen_ppocr": final["ppocr"],
+                         "heldout_257_512": second["reward"],
+                         "heldout_257_512_ppocr": second.get("unseen", {}).get("ppocr"),
+                         "iterations_to_threshold": reached[0] if reached else "",
                          "blank_fraction": final["blank"], "pixel_std": final["pixel_std"],
-                         "command": " ".join(command(variant, seed, iterations))})
+                         "command": " ".join(command(variant, seed, iterations, out))})
             curves.setdefault(variant, []).append(evals)
     if not rows:
-        sys.exit(f"no finished runs of {iterations} iterations under {OUT}; run some first")
+        sys.exit(f"no finished runs of {iterations} iterations under {out}; run some first")
     os.makedirs(DOCS, exist_ok=True)
-    with open(os.path.join(DOCS, "ablation_runs.csv"), "w", newline="") as f:
+    with open(os.path.join(DOCS, f"{name}_runs.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -133,23 +142,30 @@ def report(iterations, rescore=False):
         mine = [r for r in rows if r["variant"] == variant]
         reward_mean, reward_std = mean_std([r["final_reward"] for r in mine])
         reached = [r["iterations_to_threshold"] for r in mine if r["iterations_to_threshold"] != ""]
+        extra = {}
+        for key in ("final_unseen_ppocr", "heldout_257_512", "heldout_257_512_ppocr"):
+            values = [r[key] for r in mine if r[key] is not None]
+            mean, std = mean_std(values)
+            extra |= {f"{key}_mean": round(mean, 4) if values else "", f"{key}_std": round(std, 4) if values else ""}
         summary.append({"variant": variant, "seeds": len(mine), "final_reward_mean": round(reward_mean, 4),
-                        "final_reward_std": round(reward_std, 4),
+                        "final_reward_std": round(reward_std, 4), **extra,
                         "iterations_to_threshold": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(mine)})"
                                                     if reached else f"- (0/{len(mine)})"),
                         "blank_fraction": round(statistics.mean(r["blank_fraction"] for r in mine), 4),
                         "pixel_std": round(statistics.mean(r["pixel_std"] for r in mine), 4),
                         "flags": " ".join(VARIANTS[variant])})
-    with open(os.path.join(DOCS, "ablation.csv"), "w", newline="") as f:
+    with open(os.path.join(DOCS, f"{name}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
 
     # Left: CRD against the baseline and the control, with ±1 std bands. Right: CRD against its ablations, lines only.
     # CRD is drawn last, thick and black, so that it stays visible under ten overlapping curves.
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     panels = [("baseline and reward-free control", ["nft", "anchor-only"], True),
               ("drift-control and design ablations", [v for v in curves if v not in ("crd", "nft", "anchor-only")], False)]
+    panels = [p for p in panels if any(v in curves for v in p[1])] or panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (title, variants, bands) in zip(axes, panels):
         for variant in [v for v in variants if v in curves] + (["crd"] if "crd" in curves else []):
             runs = curves[variant]
@@ -161,20 +177,24 @@ def report(iterations, rescore=False):
             if bands or variant == "crd":
                 ax.fill_between(steps, [m - s for m, s in zip(means, spread)], [m + s for m, s in zip(means, spread)],
                                 color=line.get_color(), alpha=0.12)
-        ax.axhline(THRESHOLD, color="grey", lw=0.8, ls="--")
+        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="iteration", title=f"CRD vs {title}")
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("held-out OCR reward (256 prompts, no CFG)")
     fig.suptitle("Tiny OCR task, CPU: mean over seeds (bands: ±1 std over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(DOCS, "ablation.png"), dpi=120)
-    print("| variant | seeds | final held-out OCR (mean ± std) | iterations to 0.45 (runs reaching it) | "
-          "near-blank | pixel std | flags |")
-    print("|---|---|---|---|---|---|---|")
+    fig.savefig(os.path.join(DOCS, f"{name}.png"), dpi=120)
+
+    def cell(s, key):
+        return f"{s[key + '_mean']:.3f} ± {s[key + '_std']:.3f}" if s.get(key + "_mean") != "" else ""
+
+    print(f"| variant | seeds | held-out 1-256 | unseen PP-OCR, 1-256 | held-out 257-512 | unseen PP-OCR, 257-512 | "
+          f"iterations to {threshold} | near-blank | pixel std | flags |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         print(f"| {s['variant']} | {s['seeds']} | {s['final_reward_mean']:.3f} ± {s['final_reward_std']:.3f} | "
-              f"{s['iterations_to_threshold']} | {s['blank_fraction']:.3f} | {s['pixel_std']:.3f} | "
-              f"`{s['flags']}` |")
+              f"{cell(s, 'final_unseen_ppocr')} | {cell(s, 'heldout_257_512')} | {cell(s, 'heldout_257_512_ppocr')} | "
+              f"{s['iterations_to_threshold']} | {s['blank_fraction']:.3f} | {s['pixel_std']:.3f} | `{s['flags']}` |")
 
 
 if __name__ == "__main__":
@@ -184,11 +204,15 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=75, help="CRD iterations per run (the CPU default: 75)")
     parser.add_argument("--report", action="store_true", help="only aggregate finished runs into docs/")
     parser.add_argument("--rescore", action="store_true", help="with --report: re-score every saved final LoRA")
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablate"), help="where the runs live")
+    parser.add_argument("--name", default="ablation", help="report files: docs/NAME.csv, NAME_runs.csv, NAME.png")
+    parser.add_argument("--threshold", type=float, default=0.45, help="held-out reward counted as 'reached'")
     args = parser.parse_args()
     if args.report:
-        report(args.iterations, args.rescore)
+        report(args.iterations, os.path.abspath(args.out), args.name, args.threshold, args.rescore)
     else:
         unknown = set(args.variants.split(",")) - set(VARIANTS)
         if unknown:
             sys.exit(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
-        run(args.variants.split(","), [int(s) for s in args.seeds.split(",")], args.iterations)
+        run(args.variants.split(","), [int(s) for s in args.seeds.split(",")], args.iterations,
+            os.path.abspath(args.out))
