@@ -687,6 +687,11 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
         (["--learning-rate", "-1"], "--learning-rate -1.0 must be > 0"),
         (["--iterations", "0"], "--iterations 0 must be > 0"),
         (["--model", str(tmp_path)], "no model_index.json"),
+        (["--reward", "nope"], "unknown reward 'nope'"),
+        (["--prompts", str(tmp_path / "missing.txt")], "missing.txt' does not exist"),
+        (["--group-size", "1"], "--group-size 1: centring within a prompt needs K >= 2"),
+        (["--centering", "global"], "--centering 'global': choose one of prompt, batch"),
+        (["--reward-options", "ocr.nope=1"], "ocr takes"),
     ]
     for args, message in cases:
         out = run_cli(*args, "--output-dir", str(tmp_path / "runs"))
