@@ -291,8 +291,8 @@ POSITIVE_FIELDS = {"iterations", "height", "width", "lora_rank", "lora_alpha", "
                    "nft_beta", "train_timesteps", "timestep_range", "learning_rate", "adam_eps", "max_grad_norm",
                    "optimizer_steps_per_iteration", "micro_batch_size", "sample_batch_size", "sample_every",
                    "checkpoint_every", "max_sequence_length"}
-NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "kl_beta", "kl_cfg", "weight_decay", "old_decay_rate",
-                       "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
+NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "kl_beta", "kl_cfg", "weight_decay",
+                       "old_decay_rate", "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
 FRACTION_FIELDS = {"adam_beta1", "adam_beta2", "old_decay_start", "old_decay_max", "sampler_decay_max"}
 
 
@@ -863,8 +863,9 @@ def load_checkpoint(path, cfg, params, optimizer):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, foreign, or carrying objects other than tensors and plain data
-        raise InputError(f"--resume {path}: not a readable CRD checkpoint ({type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[0][:160]}); pass a checkpoint.pt written by crd.py") from None
+        detail = str(error).strip().splitlines()[0][:160]
+        raise InputError(f"--resume {path}: not a readable CRD checkpoint ({type(error).__name__}: {detail}); pass "
+                         f"a checkpoint.pt written by crd.py") from None
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
         raise InputError(f"--resume {path}: not a CRD checkpoint (expected the keys {sorted(CHECKPOINT_KEYS)})")
     changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in checkpoint["config"].items()

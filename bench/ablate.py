@@ -162,7 +162,8 @@ def report(iterations, out, name, threshold, rescore=False):
     # Left: CRD against the baseline and the control, with ±1 std bands. Right: CRD against its ablations, lines only.
     # CRD is drawn last, thick and black, so that it stays visible under ten overlapping curves.
     panels = [("baseline and reward-free control", ["nft", "anchor-only"], True),
-              ("drift-control and design ablations", [v for v in curves if v not in ("crd", "nft", "anchor-only")], False)]
+              ("drift-control and design ablations", [v for v in curves if v not in ("crd", "nft", "anchor-only")],
+               False)]
     panels = [p for p in panels if any(v in curves for v in p[1])] or panels[:1]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True, squeeze=False)
     axes = axes[0]
