@@ -272,12 +272,6 @@ class Config:
                                      ("log-to", self.log_to, ("", "tensorboard", "wandb"))):
             if value not in allowed:
                 raise InputError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
-        if self.sample_batch_size < 1:
-            raise InputError(f"--sample-batch-size {self.sample_batch_size} must be >= 1")
-        if self.prompt_cache < 0:
-            raise InputError(f"--prompt-cache {self.prompt_cache} must be >= 0 (0 turns the cache off)")
-        if self.beta <= 0 or self.nft_beta <= 0:
-            raise InputError(f"--beta {self.beta} and --nft-beta {self.nft_beta} must be > 0")
 
     def sizes(self, world_size=1):
         """Derived sizes, computed in one place: (samples per process, passes per iteration, passes per step)."""
