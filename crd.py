@@ -40,7 +40,7 @@ Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
      evaluation (--eval-rewards, default ppocr: the same OCR reward read by a second engine) are logged.
 
 Launch:
-  python crd.py --reward ocr                                       # CPU, embedded tiny model, ~12 min
+  python crd.py --reward ocr                                       # CPU, embedded tiny model, ~11 min
   python crd.py --preset sd35m_ocr --prompts my_train_prompts.txt  # one GPU, SD3.5-M
   python crd.py --eval [--lora runs/NAME/lora] [--eval-guidance-scale 3]   # score a model on held-out prompts
   python crd.py --resume runs/NAME/checkpoint.pt                   # continue a run exactly
@@ -291,7 +291,7 @@ FRACTION_FIELDS = {"adam_beta1", "adam_beta2", "old_decay_start", "old_decay_max
 
 
 def tiny_ocr():
-    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward (~12 min on 2 cores)."""
+    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward (~11 min on 2 cores)."""
     return Config()
 
 
