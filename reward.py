@@ -699,26 +699,8 @@ def geneval_metadata(prompt):
     return validate_geneval_metadata(prompt)
 
 
-def prompt_text(prompt):
-    """The text of a prompt: a GenEval metadata dict, or a JSON string of one, gives its "prompt"; any other
-    string is itself. Raises ValueError for a dict without "prompt"."""
-    import json
-
-    if isinstance(prompt, str) and prompt.lstrip().startswith("{"):
-        try:
-            parsed = json.loads(prompt)
-        except json.JSONDecodeError:
-            return prompt
-        prompt = parsed if isinstance(parsed, dict) and "prompt" in parsed else prompt
-    if isinstance(prompt, dict):
-        if not isinstance(prompt.get("prompt"), str):
-            raise ValueError(f"prompt metadata has no 'prompt' text: {prompt!r}")
-        return prompt["prompt"]
-    return prompt
-
-
-def prompt_tag(prompt):
-    """The GenEval "tag" of a prompt given as metadata (a dict or its JSON line), else None."""
+def _as_metadata(prompt):
+    """A dict prompt as is, or the dict a JSON-object line parses to; None for any other prompt."""
     import json
 
     if isinstance(prompt, str) and prompt.lstrip().startswith("{"):
@@ -726,7 +708,24 @@ def prompt_tag(prompt):
             prompt = json.loads(prompt)
         except json.JSONDecodeError:
             return None
-    return prompt.get("tag") if isinstance(prompt, dict) else None
+    return prompt if isinstance(prompt, dict) else None
+
+
+def prompt_text(prompt):
+    """The text of a prompt: a GenEval metadata dict, or a JSON string of one, gives its "prompt"; any other
+    string is itself. Raises ValueError for a dict without "prompt"."""
+    metadata = _as_metadata(prompt)
+    if metadata is None or (metadata is not prompt and "prompt" not in metadata):
+        return prompt  # plain text, or a JSON line that is not prompt metadata
+    if not isinstance(metadata.get("prompt"), str):
+        raise ValueError(f"prompt metadata has no 'prompt' text: {prompt!r}")
+    return metadata["prompt"]
+
+
+def prompt_tag(prompt):
+    """The GenEval "tag" of a prompt given as metadata (a dict or its JSON line), else None."""
+    metadata = _as_metadata(prompt)
+    return metadata.get("tag") if metadata is not None else None
 
 
 def _check_lengths(images, prompts):
