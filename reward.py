@@ -17,6 +17,7 @@ or a weighted sum ('ocr:1,pickscore:0.5'), and `check_prompts(spec, prompts)` ru
   checks.
 - `ink`: a cheap deterministic reward for tests.
 """
+import math
 import re
 from dataclasses import dataclass
 
@@ -193,8 +194,8 @@ GENEVAL_CROP_BACKGROUND = (153, 153, 153)  # "#999": the grey behind a masked ob
 class Detection:
     """One detected object, as the GenEval detector (Mask2Former) reports it (compared by identity).
 
-    label: GenEval object name (one of GENEVAL_OBJECTS); score: detector confidence in [0, 1]; mask: (H, W) bool
-    numpy array, True on the object (H, W: the image's height and width in pixels), or None when the detector gives
+    label: object name (one of GENEVAL_OBJECTS, or of SHAPES in the shapes world); score: detector confidence in
+    [0, 1]; mask: (H, W) bool numpy array, True on the object (H, W: the image's height and width in pixels), or None when the detector gives
     no mask (then the colour crop keeps the whole image inside the box, as the benchmark does); box: (x0, y0, x1, y1)
     in pixels, x to the right and y downwards, x0 <= x1 and y0 <= y1.
     """
@@ -219,14 +220,15 @@ class GenEvalResult:
     reason: str
 
 
-def validate_geneval_metadata(metadata):
+def validate_geneval_metadata(metadata, objects=GENEVAL_OBJECTS):
     """Check one GenEval metadata dict (a line of data/geneval/evaluation_metadata.jsonl); returns it unchanged.
 
     Expected: {"tag": one of GENEVAL_TAGS, "include": non-empty list of {"class": object name, "count": int >= 1,
     optional "color": one of GENEVAL_COLOURS, optional "position": [relation, i]} where relation is one of
     GENEVAL_RELATIONS and i indexes an EARLIER include clause (the target group), optional "exclude": list of
     {"class", "count"}}. Other top-level keys (e.g. "prompt") are ignored. Format of djghosh13/geneval
-    prompts/evaluation_metadata.jsonl, as read by evaluation/evaluate_images.py.
+    prompts/evaluation_metadata.jsonl, as read by evaluation/evaluate_images.py. Class names must be in `objects`
+    (GenEval's 80 COCO names; the shapes world passes SHAPES).
 
     Raises ValueError naming the fault: not a dict, unknown tag, missing or empty include, unknown class name,
     count not a positive int, unknown colour, unknown relation, bad target index, unknown keys in a clause.
@@ -248,9 +250,9 @@ def validate_geneval_metadata(metadata):
         unknown = set(clause) - set(allowed)
         if unknown:
             raise ValueError(f"GenEval {where} has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
-        if clause.get("class") not in GENEVAL_OBJECTS:
-            raise ValueError(f"GenEval {where}: unknown class name {clause.get('class')!r} "
-                             f"(see GENEVAL_OBJECTS / data/geneval/object_names.txt)")
+        if clause.get("class") not in objects:
+            raise ValueError(f"GenEval {where}: unknown class name {clause.get('class')!r}; known: "
+                             f"{', '.join(objects) if len(objects) < 10 else 'data/geneval/object_names.txt'}")
         count = clause.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"GenEval {where}: 'count' must be an int >= 1, got {count!r}")
@@ -288,7 +290,7 @@ def _box_iou(a, b):
 
 
 def geneval_filter(detections, tag, threshold=GENEVAL_THRESHOLD, counting_threshold=GENEVAL_COUNTING_THRESHOLD,
-                   max_objects=GENEVAL_MAX_OBJECTS, max_overlap=GENEVAL_MAX_OVERLAP):
+                   max_objects=GENEVAL_MAX_OBJECTS, max_overlap=GENEVAL_MAX_OVERLAP, objects=GENEVAL_OBJECTS):
     """Keep the detections the benchmark keeps, grouped by class: {label: [Detection, ...]}, best score first.
 
     Per class: keep score > threshold (> counting_threshold when tag == "counting"; strict inequality, compared in
@@ -299,17 +301,18 @@ def geneval_filter(detections, tag, threshold=GENEVAL_THRESHOLD, counting_thresh
     Implements evaluate_image() of djghosh13/geneval evaluation/evaluate_images.py (same in yifan123/reward-server
     reward_server/gen_eval.py): thresholds 0.3 / 0.9, max_objects 16, max_overlap 1.0.
 
-    detections: iterable of Detection (any classes, any order). Raises ValueError for an unknown tag or a
-    detection whose label is not a GenEval object name.
+    detections: iterable of Detection (any classes, any order); objects: the known labels (GenEval's 80 COCO
+    names, or the shapes world's SHAPES). Raises ValueError for an unknown tag or a detection whose label is not
+    in `objects`.
     """
     if tag not in GENEVAL_TAGS:
         raise ValueError(f"unknown GenEval tag {tag!r}; known tags: {', '.join(GENEVAL_TAGS)}")
     cutoff = np.float32(counting_threshold if tag == "counting" else threshold)
     by_class = {}
     for detection in detections:
-        if detection.label not in GENEVAL_OBJECTS:
-            raise ValueError(f"detection label {detection.label!r} is not a GenEval object name "
-                             f"(see GENEVAL_OBJECTS)")
+        if detection.label not in objects:
+            raise ValueError(f"detection label {detection.label!r} is not one of the object names "
+                             f"({', '.join(objects) if len(objects) < 10 else 'GENEVAL_OBJECTS'})")
         by_class.setdefault(detection.label, []).append(detection)
     kept = {}
     for label, group in by_class.items():
@@ -358,7 +361,8 @@ def geneval_relations(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
     return relations
 
 
-def geneval_check(detections, metadata, colour_of, position_bug=False, clip_count_terms=False):
+def geneval_check(detections, metadata, colour_of, position_bug=False, clip_count_terms=False,
+                  objects=GENEVAL_OBJECTS):
     """Score one image against its GenEval metadata: GenEvalResult(correct, score, strict_correct, reason).
 
     detections: the detector's Detection list for the image (all classes; filtered here with `geneval_filter`
@@ -387,11 +391,14 @@ def geneval_check(detections, metadata, colour_of, position_bug=False, clip_coun
     clip_count_terms=True floors each count term at 0, making score lie in [0, 1] (not in the reward-server).
     strict_correct: the reward-server's verdict: every term above equal to 1 (exact counts), excludes ignored.
 
+    objects: the class names metadata and detections may use (GenEval's 80 COCO names; SHAPES for the shapes
+    world): the rules are the same for every detector.
+
     Raises ValueError for malformed metadata (`validate_geneval_metadata`), an unknown detection label, or a
     colour_of result that is not in GENEVAL_COLOURS.
     """
-    validate_geneval_metadata(metadata)
-    objects = geneval_filter(detections, metadata["tag"])
+    validate_geneval_metadata(metadata, objects)
+    kept = geneval_filter(detections, metadata["tag"], objects=objects)
     colours = {}
 
     def colour(detection):
@@ -414,7 +421,7 @@ def geneval_check(detections, metadata, colour_of, position_bug=False, clip_coun
     correct, reasons, groups = True, [], []
     for clause in metadata["include"]:
         name, count = clause["class"], clause["count"]
-        found = objects.get(name, [])[:count]
+        found = kept.get(name, [])[:count]
         holds = len(found) >= count
         if not holds:
             reasons.append(f"expected at least {count} {name}, found {len(found)}")
@@ -442,7 +449,7 @@ def geneval_check(detections, metadata, colour_of, position_bug=False, clip_coun
         groups.append(found if holds else None)
     for clause in metadata.get("exclude", []):
         name, count = clause["class"], clause["count"]
-        n = len(objects.get(name, []))
+        n = len(kept.get(name, []))
         if n >= count:
             correct = False
             reasons.append(f"expected fewer than {count} {name}, found {n}")
@@ -451,7 +458,7 @@ def geneval_check(detections, metadata, colour_of, position_bug=False, clip_coun
     terms, strict, groups = [], True, []
     for clause in metadata["include"]:
         name, count = clause["class"], clause["count"]
-        found = objects.get(name, [])
+        found = kept.get(name, [])
         count_term = 1.0 - abs(count - len(found)) / count
         terms.append(max(count_term, 0.0) if clip_count_terms else count_term)
         holds = len(found) == count
@@ -684,10 +691,10 @@ def _load_pretrained(loader, source, what):
                            f"({type(error).__name__}: {error}). {hint}") from error
 
 
-def geneval_metadata(prompt):
+def geneval_metadata(prompt, objects=GENEVAL_OBJECTS):
     """One GenEval prompt as its metadata dict: a dict is returned as is, a string is parsed as JSON (a line of
-    data/geneval/evaluation_metadata.jsonl). Validated with `validate_geneval_metadata`. Raises ValueError for a
-    string that is not JSON, or malformed metadata."""
+    data/geneval/evaluation_metadata.jsonl). Validated with `validate_geneval_metadata` (class names in `objects`).
+    Raises ValueError for a string that is not JSON, or malformed metadata."""
     import json
 
     if isinstance(prompt, str):
@@ -696,7 +703,7 @@ def geneval_metadata(prompt):
         except json.JSONDecodeError as error:
             raise ValueError(f"a GenEval prompt must be its metadata (a dict or its JSON string), got {prompt!r}: "
                              f"{error}") from error
-    return validate_geneval_metadata(prompt)
+    return validate_geneval_metadata(prompt, objects)
 
 
 def _as_metadata(prompt):
@@ -776,17 +783,117 @@ def geneval_reward(device="cpu", detect_text=True, detector="facebook/mask2forme
                 found[i] = mask2former_instances(outputs, size, labels, index=j)
         return found
 
+    return geneval_scorer(detect, colour_of, GENEVAL_OBJECTS, position_bug)
+
+
+def geneval_scorer(detect, colour_of, objects, position_bug=False):
+    """The reward fn shared by every GenEval detector: the rules are `geneval_check`'s, only the detector differs.
+
+    detect(images) -> one list of Detection per image; colour_of(image, detection) -> one of GENEVAL_COLOURS;
+    objects: the class names prompts may use. Returns fn(images, prompts) -> (rewards float32 (N,) in [0, 1]: the
+    reward-server's partial credit with count terms floored at 0, info {"geneval/correct", "geneval/strict":
+    float32 (N,) of 0 / 1}); fn raises ValueError for malformed metadata or len(images) != len(prompts).
+    """
     def fn(images, prompts):
         _check_lengths(images, prompts)
-        metadata = [geneval_metadata(p) for p in prompts]
+        metadata = [geneval_metadata(p, objects) for p in prompts]
         results = [geneval_check(detections, meta, lambda d, image=image: colour_of(image, d),
-                                 position_bug=position_bug, clip_count_terms=True)
+                                 position_bug=position_bug, clip_count_terms=True, objects=objects)
                    for image, detections, meta in zip(images, detect(images), metadata)]
         rewards = torch.tensor([min(max(r.score, 0.0), 1.0) for r in results], dtype=torch.float32)
         return rewards, {"geneval/correct": torch.tensor([float(r.correct) for r in results]),
                          "geneval/strict": torch.tensor([float(r.strict_correct) for r in results])}
 
     return fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GenEval on a shapes world (the CPU task, assets/tiny-sd3-shapes): flat shapes in a few GenEval colours on white,
+# drawn by tools/shapes_world.py. The detector is connected components + region properties (scikit-image) in
+# place of Mask2Former, and the colour is the nearest palette colour in CIELAB in place of CLIP; the rules are
+# `geneval_check`'s, unchanged.
+# ---------------------------------------------------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "cross")
+SHAPE_PALETTE = {"red": (220, 30, 30), "yellow": (235, 200, 20), "green": (30, 150, 50), "blue": (30, 70, 220),
+                 "purple": (140, 50, 180), "black": (25, 25, 25)}  # sRGB of each colour the world draws
+SHAPE_BACKGROUND = (255, 255, 255)
+# Region features of each shape, drawn upright and filled at 12-20 px: extent = area / box area, solidity = area /
+# convex-hull area, drop = (centroid row - box centre row) / box height (the triangle's apex is up). Means over the
+# world's renders (tools/shapes_world.py; the test suite re-measures them); exact geometry would give circle
+# (pi/4, 1, 0), triangle (1/2, 1, 1/6) and, for a plus sign with arms a third of its size, (5/9, 5/7, 0): pixel
+# staircases and anti-aliased edges move them by up to 0.1.
+SHAPE_FEATURES = {"circle": (0.816, 0.976, 0.0), "square": (1.0, 1.0, 0.0), "triangle": (0.533, 0.904, 0.156),
+                  "cross": (0.584, 0.778, 0.0)}
+SHAPE_FEATURE_SCALE = (0.15, 0.15, 0.05)  # a feature off by this much costs one unit of distance
+SHAPE_FOREGROUND_DELTA = 30.0  # CIE76 colour distance from the background above which a pixel is foreground
+SHAPE_MIN_AREA = 12            # pixels; smaller regions are specks, not objects
+
+
+def shape_features(mask):
+    """(extent, solidity, drop) of one region, as in SHAPE_FEATURES; mask (H, W) bool with one connected region."""
+    from skimage.measure import regionprops
+
+    region = regionprops(mask.astype(np.uint8))[0]
+    top, _, bottom, _ = region.bbox
+    return region.extent, region.solidity, (region.centroid[0] - (top + bottom - 1) / 2) / (bottom - top)
+
+
+def shape_detections(image, min_area=SHAPE_MIN_AREA, foreground_delta=SHAPE_FOREGROUND_DELTA):
+    """Detect the shapes world's objects in one image: a list of Detection (label in SHAPES), any order.
+
+    image: PIL image (any size) of flat shapes on SHAPE_BACKGROUND. Foreground = pixels farther than
+    `foreground_delta` (CIE76, CIELAB) from the background; objects = its 4-connected components of at least
+    `min_area` pixels (skimage.measure.label / regionprops). Each is labelled with the nearest shape in
+    SHAPE_FEATURES (distance d in units of SHAPE_FEATURE_SCALE) and scored exp(-d^2 / 2) in (0, 1], so a clean
+    render scores ~1 and a blob that is no clear shape scores low (the counting rule keeps only scores > 0.9);
+    mask = the component, box = (x0, y0, x1, y1) of its pixels (inclusive), as Mask2Former's are used.
+    Touching shapes form one component: one object, as a detector would see them.
+    """
+    from skimage.color import deltaE_cie76, rgb2lab
+    from skimage.measure import label
+
+    lab = rgb2lab(np.asarray(image.convert("RGB")))
+    background = rgb2lab(np.array([[SHAPE_BACKGROUND]], dtype=np.uint8))[0, 0]
+    components = label(deltaE_cie76(lab, background) > foreground_delta, connectivity=1)
+    found = []
+    for index in range(1, components.max() + 1):
+        mask = components == index
+        if mask.sum() < min_area:
+            continue
+        features = np.array(shape_features(mask))
+        distances = {name: float(np.linalg.norm((features - np.array(proto)) / SHAPE_FEATURE_SCALE))
+                     for name, proto in SHAPE_FEATURES.items()}
+        name = min(distances, key=distances.get)
+        rows, cols = np.nonzero(mask)
+        found.append(Detection(label=name, score=math.exp(-distances[name] ** 2 / 2), mask=mask,
+                               box=(float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))))
+    return found
+
+
+def shape_colour(image, detection):
+    """The palette colour (a key of SHAPE_PALETTE, all GenEval colour names) nearest in CIELAB (CIE76) to the
+    median colour of the detection's mask, eroded by one pixel when that leaves any (edges are blended with the
+    background). image: PIL image; detection: a Detection with a mask of the image's size."""
+    from scipy.ndimage import binary_erosion
+    from skimage.color import deltaE_cie76, rgb2lab
+
+    mask = detection.mask
+    inner = binary_erosion(mask)
+    lab = rgb2lab(np.asarray(image.convert("RGB")))[inner if inner.any() else mask]
+    median = np.median(lab, axis=0)
+    palette = rgb2lab(np.array([list(SHAPE_PALETTE.values())], dtype=np.uint8))[0]
+    return list(SHAPE_PALETTE)[int(np.argmin(deltaE_cie76(palette, median[None])))]
+
+
+def geneval_shapes_reward(device="cpu", detect_text=True, position_bug=False):
+    """Factory for GenEval on the shapes world: `shape_detections` + `shape_colour`, scored by `geneval_check`.
+
+    Prompts: GenEval metadata whose classes are SHAPES (data/tiny_geneval/*.jsonl). Returns the fn of
+    `geneval_scorer` (rewards in [0, 1], info geneval/correct and geneval/strict). device, detect_text: ignored
+    (no model). position_bug: see `geneval_check`.
+    """
+    return geneval_scorer(lambda images: [shape_detections(image) for image in images], shape_colour, SHAPES,
+                          position_bug)
 
 
 PICKSCORE_SCALE = 26.0  # DiffusionNFT divides PickScore's logit by 26 to bring it near [0, 1]
@@ -843,10 +950,12 @@ def clipscore_reward(device="cpu", detect_text=True, model="openai/clip-vit-larg
     return clip_similarity_reward(clip, _load_pretrained(CLIPProcessor, model, "CLIPScore processor"))
 
 
-REWARDS = {"ocr": ocr_reward, "ppocr": ppocr_reward, "geneval": geneval_reward, "pickscore": pickscore_reward,
-           "clipscore": clipscore_reward, "ink": ink_reward}
+REWARDS = {"ocr": ocr_reward, "ppocr": ppocr_reward, "geneval": geneval_reward,
+           "geneval_shapes": geneval_shapes_reward, "pickscore": pickscore_reward, "clipscore": clipscore_reward,
+           "ink": ink_reward}
 # What each reward needs of a prompt: fn(prompt) raises ValueError saying what is missing (before any model loads).
-PROMPT_CHECKS = {"ocr": ocr_target, "ppocr": ocr_target, "geneval": geneval_metadata, "pickscore": prompt_text,
+PROMPT_CHECKS = {"ocr": ocr_target, "ppocr": ocr_target, "geneval": geneval_metadata,
+                 "geneval_shapes": lambda prompt: geneval_metadata(prompt, SHAPES), "pickscore": prompt_text,
                  "clipscore": prompt_text}
 
 

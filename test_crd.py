@@ -1129,7 +1129,7 @@ def test_filter_is_idempotent_and_check_agrees_on_filtered_input():
 
 
 def test_filter_rejects_unknown_label_and_tag():
-    with pytest.raises(ValueError, match="not a GenEval object name"):
+    with pytest.raises(ValueError, match="is not one of the object names"):
         geneval_filter([det("mouse", (0, 0, 5, 5))], "single_object")
     with pytest.raises(ValueError, match="unknown GenEval tag"):
         geneval_filter([], "spatial")
@@ -1215,6 +1215,120 @@ def test_every_shipped_metadata_line_validates():
 def test_object_names_match_the_shipped_list():
     with open(os.path.join(GENEVAL_DIR, "object_names.txt")) as file:
         assert tuple(file.read().splitlines()) == reward.GENEVAL_OBJECTS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes world (tools/shapes_world.py) and its detector (reward.shape_detections): rendered scenes of known
+# content must be found, and fed to the same GenEval rules, to the expected verdicts
+# ---------------------------------------------------------------------------------------------------------------
+def shapes_scene(*objects):
+    """A scene from (shape, colour, x0, y0, side) tuples, in tools.shapes_world's format."""
+    return [(shape, colour, (x0, y0, x0 + side - 1, y0 + side - 1)) for shape, colour, x0, y0, side in objects]
+
+
+def shapes_geneval(scene, metadata):
+    from tools.shapes_world import render
+
+    image = render(scene)
+    return reward.geneval_check(reward.shape_detections(image), metadata, lambda d: reward.shape_colour(image, d),
+                                objects=reward.SHAPES)
+
+
+@pytest.mark.parametrize("shape", reward.SHAPES)
+@pytest.mark.parametrize("side", [12, 16, 20])
+def test_shape_detector_names_every_shape_and_colour(shape, side):
+    from tools.shapes_world import render
+
+    for colour in reward.SHAPE_PALETTE:
+        image = render(shapes_scene((shape, colour, 20, 10, side)))
+        (found,) = reward.shape_detections(image)
+        assert (found.label, reward.shape_colour(image, found)) == (shape, colour)
+        assert found.score > reward.GENEVAL_COUNTING_THRESHOLD  # clean renders pass even the counting threshold
+        assert found.box == (20.0, 10.0, 20.0 + side - 1, 10.0 + side - 1)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_shape_detector_counts_separate_shapes_and_merges_touching_ones(count):
+    corners = [(2, 2), (40, 2), (2, 40), (40, 40)]
+    scene = shapes_scene(*[("circle", "blue", x, y, 18) for x, y in corners[:count]])
+    metadata = {"tag": "counting", "include": [{"class": "circle", "count": count}],
+                "exclude": [{"class": "circle", "count": count + 1}]}
+    assert shapes_geneval(scene, metadata).correct
+    if count > 1:  # one circle fewer asked for: the exclude clause fires
+        fewer = {"tag": "counting", "include": [{"class": "circle", "count": count - 1}],
+                 "exclude": [{"class": "circle", "count": count}]}
+        assert not shapes_geneval(scene, fewer).correct
+    from tools.shapes_world import render
+
+    touching = render(shapes_scene(("square", "red", 10, 10, 16), ("square", "red", 26, 10, 16)))
+    assert len(reward.shape_detections(touching)) == 1  # one region, as any detector would see it
+
+
+def test_shape_detector_positions_follow_the_geneval_relations():
+    left_of = {"tag": "position", "include": [{"class": "square", "count": 1},
+                                              {"class": "triangle", "count": 1, "position": ["left of", 0]}]}
+    assert shapes_geneval(shapes_scene(("triangle", "green", 4, 24, 16), ("square", "red", 40, 24, 16)),
+                          left_of).correct
+    swapped = shapes_geneval(shapes_scene(("triangle", "green", 40, 24, 16), ("square", "red", 4, 24, 16)), left_of)
+    assert not swapped.correct and "found right of" in swapped.reason
+    above = dict(left_of, include=[left_of["include"][0], {"class": "triangle", "count": 1,
+                                                           "position": ["above", 0]}])
+    assert shapes_geneval(shapes_scene(("triangle", "green", 24, 2, 16), ("square", "red", 24, 40, 16)),
+                          above).correct
+
+
+def test_shape_detector_colour_binding_and_partial_credit():
+    metadata = {"tag": "color_attr", "include": [{"class": "circle", "count": 1, "color": "red"},
+                                                 {"class": "cross", "count": 1, "color": "blue"}]}
+    right = shapes_geneval(shapes_scene(("circle", "red", 4, 4, 18), ("cross", "blue", 36, 36, 18)), metadata)
+    assert right.correct and right.score == 1.0
+    swapped = shapes_geneval(shapes_scene(("circle", "blue", 4, 4, 18), ("cross", "red", 36, 36, 18)), metadata)
+    assert not swapped.correct and swapped.score == 0.5  # both counts right (1, 1), both colours wrong (0, 0)
+    blank = shapes_geneval([], metadata)
+    assert not blank.correct and blank.score == 0.0
+
+
+def test_shape_features_are_the_means_of_the_worlds_renders():
+    import random
+
+    from tools.shapes_world import render
+
+    rng, measured = random.Random(0), {name: [] for name in reward.SHAPES}
+    for shape in reward.SHAPES:
+        for _ in range(30):
+            side = rng.randint(12, 20)
+            image = render(shapes_scene((shape, rng.choice(list(reward.SHAPE_PALETTE)), 10, 10, side)))
+            measured[shape].append(reward.shape_features(reward.shape_detections(image)[0].mask))
+    for shape, values in measured.items():
+        np.testing.assert_allclose(np.mean(values, axis=0), reward.SHAPE_FEATURES[shape], atol=0.02)
+
+
+def test_shapes_world_scenes_satisfy_their_prompts_and_lists_share_none():
+    import random
+
+    from tools.shapes_world import LINES, TAGS, make_prompt_lists, render, scene_for
+
+    lists = make_prompt_lists(0)
+    texts = {name: {m["prompt"] for m in lines} for name, lines in lists.items()}
+    assert not texts["train"] & texts["val"] and not texts["train"] & texts["heldout"]
+    assert not texts["val"] & texts["heldout"]
+    for name, lines in lists.items():
+        assert len(lines) == LINES[name]
+        shares = [sum(m["tag"] == tag for m in lines) for tag in TAGS]
+        assert max(shares) - min(shares) <= 1, (name, shares)  # the six tags in equal shares
+    rng, fn = random.Random(0), reward.make_reward("geneval_shapes")
+    sample = lists["heldout"][::8] + lists["train"][::60]  # every tag of both lists
+    images = [render(scene_for(m, rng)) for m in sample]
+    rewards, info = fn(images, [json.dumps(m) for m in sample])
+    assert rewards.tolist() == [1.0] * len(sample) and info["geneval/correct"].tolist() == [1.0] * len(sample)
+
+
+def test_shapes_reward_checks_prompts_against_the_shapes_vocabulary():
+    reward.check_prompts("geneval_shapes", ['{"tag": "single_object", "include": [{"class": "cross", "count": 1}]}'])
+    with pytest.raises(ValueError, match="prompt 1 cannot be scored by the geneval_shapes reward.*'dog'"):
+        reward.check_prompts("geneval_shapes", ['{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}'])
+    with pytest.raises(ValueError, match="'cross'"):  # and the COCO reward refuses the shapes
+        reward.check_prompts("geneval", ['{"tag": "single_object", "include": [{"class": "cross", "count": 1}]}'])
 
 
 # ---------------------------------------------------------------------------------------------------------------

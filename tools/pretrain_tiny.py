@@ -1,4 +1,4 @@
-"""Pretrain the embedded base model: a tiny SD3 text-rendering pipeline that CRD fine-tunes on a CPU.
+"""Pretrain an embedded base model: a tiny SD3 pipeline that CRD fine-tunes on a CPU (text or shapes world).
 
 Builds a `StableDiffusion3Pipeline` from configs only (no download): two small CLIP text encoders with a locally
 built character-level `CLIPTokenizer`, a small `AutoencoderKL` (4 latent channels, downsampling factor 2), an
@@ -19,6 +19,14 @@ run stops there), or with --keep-step 0 the copy whose validation reward is clos
 save_pretrained, to --out. --snapshot-dir also saves every copy, to compare candidate bases afterwards.
 
     python tools/pretrain_tiny.py                  # ~30 min on 2 CPU cores; writes assets/tiny-sd3-text
+
+--world shapes makes the GenEval task's model instead, with the same architecture at 64x64: images are scenes of
+tools/shapes_world.py drawn for the prompts of data/tiny_geneval/train.jsonl (written in step 1 by
+`make_prompt_lists`), prompts are the scenes' GenEval metadata lines (their "prompt" text is encoded, one token per
+character, spaces aside: 39 at most), validation scores the GenEval partial credit of `reward.geneval_shapes_reward`, and the model goes
+to assets/tiny-sd3-shapes.
+
+    python tools/pretrain_tiny.py --world shapes   # writes assets/tiny-sd3-shapes and data/tiny_geneval
 """
 import argparse
 import copy
@@ -39,7 +47,7 @@ sys.path.insert(0, ROOT)
 import crd  # noqa: E402
 from reward import make_reward  # noqa: E402
 
-HEIGHT, WIDTH = 32, 96
+HEIGHT, WIDTH = 32, 96  # the text world; the shapes world is 64 x 64
 MAX_SEQUENCE_LENGTH = 2  # the (absent) T5 encoder's sequence: zeros, kept short
 CHARS = string.ascii_lowercase + string.digits + "\"'.,!?-&:"
 
@@ -93,22 +101,23 @@ def build_tokenizer(directory, max_length):
                          model_max_length=max_length, pad_token="<|endoftext|>")
 
 
-def build_pipeline(tokenizer_dir):
-    """The untrained tiny StableDiffusion3Pipeline, from configs only (sizes in the module docstring)."""
+def build_pipeline(tokenizer_dir, height=HEIGHT, max_length=9):
+    """The untrained tiny StableDiffusion3Pipeline, from configs only (sizes in the module docstring); images of
+    `height` pixels (sets the VAE's and transformer's sample sizes), prompts of up to max_length - 2 characters."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = build_tokenizer(tokenizer_dir, max_length=9)  # <bos> " 5 letters " <eos>
+    tokenizer = build_tokenizer(tokenizer_dir, max_length=max_length)  # text: <bos> " 5 letters " <eos>
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=9,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
                                  projection_dim=64, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text_encoder, text_encoder_2 = CLIPTextModelWithProjection(text_config), CLIPTextModelWithProjection(text_config)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=HEIGHT)
-    transformer = SD3Transformer2DModel(sample_size=HEIGHT // 2, patch_size=4, in_channels=4, out_channels=4,
+                        latent_channels=4, norm_num_groups=8, sample_size=height)
+    transformer = SD3Transformer2DModel(sample_size=height // 2, patch_size=4, in_channels=4, out_channels=4,
                                         num_layers=6, attention_head_dim=32, num_attention_heads=4,
                                         joint_attention_dim=128, caption_projection_dim=128,
                                         pooled_projection_dim=128, pos_embed_max_size=16)
@@ -136,10 +145,56 @@ def train_vae(vae, images, steps, batch_size, lr, generator):
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
+def text_world(args):
+    """Step (1) of the text world: write data/tiny_ocr/{train,val,heldout}.txt (disjoint random targets, in double
+    quotes) and render the training targets. Returns (train prompts, val prompts, uint8 pixels (N, 32, 96, 3))."""
+    from PIL import ImageFont
+    import numpy as np
+
+    train, val, heldout = make_targets(args.seed, args.n_train, 128, 512)
+    os.makedirs(args.data_dir, exist_ok=True)
+    for name, items in (("train", train), ("val", val), ("heldout", heldout)):
+        with open(os.path.join(args.data_dir, f"{name}.txt"), "w") as f:
+            f.write("".join(f'"{t}"\n' for t in items))
+    font = ImageFont.truetype(font_path(), 20)
+    pixels = np.stack([np.asarray(render(t, font)) for t in tqdm(train, desc="render", mininterval=5)])
+    return [f'"{t}"' for t in train], [f'"{t}"' for t in val], pixels
+
+
+def shapes_world(args):
+    """Step (1) of the shapes world: write data/tiny_geneval/{train,val,heldout}.jsonl (`make_prompt_lists`) and
+    draw --n-train scenes, each for a random line of the training list. Returns (the scenes' prompts as JSON
+    metadata lines, the val list's lines, uint8 pixels (N, 64, 64, 3))."""
+    import random
+
+    import numpy as np
+    from tools.shapes_world import make_prompt_lists, render as render_scene, scene_for
+
+    lists = make_prompt_lists(args.seed)
+    os.makedirs(args.data_dir, exist_ok=True)
+    for name, lines in lists.items():
+        with open(os.path.join(args.data_dir, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in lines)
+    rng = random.Random(args.seed)
+    chosen = [rng.choice(lists["train"]) for _ in range(args.n_train)]
+    pixels = np.stack([np.asarray(render_scene(scene_for(m, rng))) for m in tqdm(chosen, desc="render",
+                                                                                 mininterval=5)])
+    return [json.dumps(m) for m in chosen], [json.dumps(m) for m in lists["val"]], pixels
+
+
+WORLDS = {"text": {"height": HEIGHT, "width": WIDTH, "max_length": 9, "data": text_world, "reward": "ocr",
+                   "out": os.path.join(ROOT, "assets", "tiny-sd3-text"),
+                   "data_dir": os.path.join(ROOT, "data", "tiny_ocr"), "keep_step": 5750},
+          "shapes": {"height": 64, "width": 64, "max_length": 42, "data": shapes_world, "reward": "geneval_shapes",
+                     "out": os.path.join(ROOT, "assets", "tiny-sd3-shapes"),
+                     "data_dir": os.path.join(ROOT, "data", "tiny_geneval"), "keep_step": 0}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(ROOT, "assets", "tiny-sd3-text"))
-    parser.add_argument("--data-dir", default=os.path.join(ROOT, "data", "tiny_ocr"))
+    parser.add_argument("--world", default="text", choices=sorted(WORLDS), help="what the model draws")
+    parser.add_argument("--out", default="", help="where the pipeline goes (default: the world's assets/ folder)")
+    parser.add_argument("--data-dir", default="", help="where the prompt lists go (default: the world's data/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=12000)
     parser.add_argument("--vae-steps", type=int, default=400)
@@ -154,9 +209,14 @@ def main():
                         help="with --keep-step 0: stop once validation reward exceeds this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--snapshot-dir", default="", help="also save every validated snapshot here as step_<n>/")
-    parser.add_argument("--keep-step", type=int, default=5750,
-                        help="keep this validated step and stop there (0: keep the one closest to --target-reward)")
+    parser.add_argument("--keep-step", type=int, default=-1,
+                        help="keep this validated step and stop there (0: keep the one closest to --target-reward; "
+                             "default: the shipped model's step of the world)")
     args = parser.parse_args()
+    world = WORLDS[args.world]
+    args.out = args.out or world["out"]
+    args.data_dir = args.data_dir or world["data_dir"]
+    args.keep_step = world["keep_step"] if args.keep_step < 0 else args.keep_step
     if args.keep_step and not (args.eval_from <= args.keep_step <= args.steps
                                and (args.keep_step - args.eval_from) % args.eval_every == 0):
         parser.error(f"--keep-step {args.keep_step} is not a validated step: use {args.eval_from} + a multiple of "
@@ -167,24 +227,13 @@ def main():
     generator = torch.Generator().manual_seed(args.seed)
     started = time.time()
 
-    # (1) targets: train (pretraining and CRD training), validation (checkpoint selection), held-out (reports)
-    train, val, heldout = make_targets(args.seed, args.n_train, 128, 512)
-    os.makedirs(args.data_dir, exist_ok=True)
-    for name, items in (("train", train), ("val", val), ("heldout", heldout)):
-        with open(os.path.join(args.data_dir, f"{name}.txt"), "w") as f:
-            f.write("".join(f'"{t}"\n' for t in items))
-    train_prompts, val_prompts = [f'"{t}"' for t in train], [f'"{t}"' for t in val]
-
-    from PIL import ImageFont
-    import numpy as np
-
-    font = ImageFont.truetype(font_path(), 20)
-    pixels = np.stack([np.asarray(render(t, font)) for t in tqdm(train, desc="render", mininterval=5)])
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, 32, 96) in [-1, 1]
+    # (1) prompt lists: train (pretraining and CRD training), validation (checkpoint selection), held-out (reports)
+    train_prompts, val_prompts, pixels = world["data"](args)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
 
     # (2) VAE
     tokenizer_dir = os.path.join(args.out + ".tmp", "tokenizer")
-    pipe = build_pipeline(tokenizer_dir)
+    pipe = build_pipeline(tokenizer_dir, world["height"], world["max_length"])
     train_vae(pipe.vae, images, args.vae_steps, args.batch_size, args.lr, generator)
     pipe.vae.eval().requires_grad_(False)
 
@@ -193,10 +242,10 @@ def main():
         latents = torch.cat([pipe.vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
     shift, scale = latents.mean().item(), 1.0 / latents.std().item()
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = (latents - shift) * scale  # (N, 4, 16, 48)
-    reward_fn = make_reward("ocr")  # how well OCR reads the VAE's reconstructions bounds every later reward
+    latents = (latents - shift) * scale  # (N, 4, H / 2, W / 2)
+    reward_fn = make_reward(world["reward"])  # how well it scores the VAE's reconstructions bounds later rewards
     check = reward_fn(crd.decode_latents(pipe, latents[:64]), train_prompts[:64])[0].mean()
-    print(f"vae reconstructions: OCR reward {check:.3f} on 64 training images", flush=True)
+    print(f"vae reconstructions: {world['reward']} reward {check:.3f} on 64 training images", flush=True)
     print(f"vae done at {time.time() - started:.0f}s; latent shift {shift:.4f} scale {scale:.4f}", flush=True)
 
     # (4) transformer + text encoders, rectified flow (CRD_SPEC.md Eqs. 1-2), prompt dropout for CFG
@@ -229,11 +278,12 @@ def main():
         if step >= args.eval_from and (step - args.eval_from) % args.eval_every == 0:
             for m in modules:
                 m.eval()
-            result = crd.evaluate(pipe, reward_fn, val_prompts, HEIGHT, WIDTH, num_steps=10,
+            result = crd.evaluate(pipe, reward_fn, val_prompts, world["height"], world["width"], num_steps=10,
                                   max_sequence_length=MAX_SEQUENCE_LENGTH, seed=10_000)
             history.append({"step": step, "val_reward": result["reward"], "val_exact": result["exact"],
-                            "seconds": round(time.time() - started)})
-            print(f"step {step}: validation OCR reward {result['reward']:.3f} (exact {result['exact']:.3f}) "
+                            "seconds": round(time.time() - started)} | result["tag_mean"])
+            print(f"step {step}: validation {world['reward']} reward {result['reward']:.3f} "
+                  f"(exact {result['exact']:.3f}{''.join(f', {k} {v:.3f}' for k, v in result['tag_mean'].items())}) "
                   f"at {time.time() - started:.0f}s", flush=True)
             snapshots[step] = [copy.deepcopy(m.state_dict()) for m in modules]
             if args.snapshot_dir:  # a full pipeline per snapshot, to compare candidate bases afterwards
