@@ -69,6 +69,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
 TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
+SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model (not shipped yet)
 
 
 class InputError(ValueError):
@@ -295,6 +296,17 @@ def tiny_ocr():
     return Config()
 
 
+def tiny_geneval():
+    """GenEval on the CPU: CRD on a tiny SD3 shapes model (64x64 scenes of flat shapes, assets/tiny-sd3-shapes, made
+    by tools/pretrain_tiny.py --world shapes; not shipped yet) with GenEval's rules on the shapes world's detector
+    (reward geneval_shapes, prompts data/tiny_geneval from tools/shapes_world.py)."""
+    return dataclasses.replace(
+        Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64,
+        width=64, prompts=os.path.join(HERE, "data", "tiny_geneval", "train.jsonl"),
+        eval_prompts=os.path.join(HERE, "data", "tiny_geneval", "heldout.jsonl"), reward="geneval_shapes",
+        eval_rewards="")
+
+
 def sd35m_ocr():
     """The paper's OCR recipe on SD3.5-M (CRD_SPEC.md §7): 512 px, K = 24, 48 prompts per iteration."""
     return dataclasses.replace(
@@ -318,7 +330,7 @@ def sd35m_geneval():
         sampler_decay_delay=0, sampler_decay_rate=0.001, sampler_decay_max=0.5)
 
 
-PRESETS = {"tiny_ocr": tiny_ocr, "sd35m_ocr": sd35m_ocr, "sd35m_geneval": sd35m_geneval}
+PRESETS = {"tiny_ocr": tiny_ocr, "tiny_geneval": tiny_geneval, "sd35m_ocr": sd35m_ocr, "sd35m_geneval": sd35m_geneval}
 
 
 def field_docs(cls):
@@ -498,6 +510,9 @@ def check_model(model):
     """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline."""
     looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
     if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
+        if os.path.abspath(model) == SHAPES_MODEL:
+            raise InputError(f"the shapes model {model} is not shipped yet: make it with `python "
+                             f"tools/pretrain_tiny.py --world shapes` (~1 h on 2 cores), or pass --model")
         raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
                          f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
 
@@ -1125,7 +1140,7 @@ def main(cfg, eval_only=False, lora=""):
     """Run CRD and return the per-iteration metrics; with eval_only, score --model [+ lora] and return that dict."""
     from tqdm import tqdm
 
-    from reward import make_reward, parse_reward_options
+    from reward import make_reward, parse_reward_options, parse_reward_spec
 
     rank, world_size, local_rank = setup_distributed()
     prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only, lora=lora)
@@ -1145,8 +1160,9 @@ def main(cfg, eval_only=False, lora=""):
             f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
     unseen_names = [name for name in cfg.eval_rewards.split(",") if name]
     reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
-    say(f"reward {cfg.reward} (OCR rewards read by {reading}); unseen metrics at evaluation: "
-        f"{', '.join(unseen_names) or 'none'}")
+    uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in parse_reward_spec(cfg.reward)] + unseen_names)
+    say(f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
+        f"evaluation: {', '.join(unseen_names) or 'none'}")
 
     options = parse_reward_options(cfg.reward_options)
     reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection, options)

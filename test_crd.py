@@ -1869,3 +1869,32 @@ def test_sd35m_geneval_code_path_runs_one_iteration_with_json_lines_prompts(tmp_
     assert set(result["per_tag"]) == {"single_object", "colors"}
     assert result["tag_mean"]["geneval/correct"] == pytest.approx(
         np.mean([t["geneval/correct"] for t in result["per_tag"].values()]))
+
+
+def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path):
+    """`python crd.py --preset tiny_geneval`, shrunk to 2 iterations, on an untrained pipeline of the shapes
+    model's architecture (tools/pretrain_tiny.build_pipeline at 64x64): GenEval prompts of the shapes world, the
+    shapes detector's reward, per-tag held-out accuracy and the partial credit logged. Without --model the preset
+    says how to make the model it needs."""
+    from tools.pretrain_tiny import build_pipeline
+
+    model = tmp_path / "shapes-model"
+    pipe = build_pipeline(str(tmp_path / "tokenizer"), height=64, max_length=42)
+    pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)  # pretraining step (3) sets these
+    pipe.save_pretrained(str(model))
+    if not os.path.isdir(crd.SHAPES_MODEL):
+        with pytest.raises(crd.InputError, match="pretrain_tiny.py --world shapes"):
+            crd.check_model(crd.tiny_geneval().model)
+    cfg = dataclasses.replace(crd.tiny_geneval(), model=str(model), output_dir=str(tmp_path), iterations=2,
+                              prompts_per_iteration=2, group_size=4, micro_batch_size=8, lora_rank=4, lora_alpha=8,
+                              optimizer_steps_per_iteration=1, eval_count=12, eval_start=38, num_steps=4,
+                              eval_num_steps=3, sample_every=1)
+    assert (cfg.reward, cfg.height, cfg.width, cfg.eval_rewards) == ("geneval_shapes", 64, 64, "")
+    metrics = crd.main(cfg)
+    assert [m["train/step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert math.isfinite(m["loss/crd"]) and 0 <= m["reward/mean"] <= 1 and 0 <= m["reward/geneval/correct"] <= 1
+    final = metrics[-1]
+    assert final["eval/iteration"] == 2 and 0 <= final["eval/reward"] <= 1
+    assert {key.split("/")[2] for key in final if key.startswith("eval/tag/")} == {"single_object", "two_object"}
+    assert os.path.isfile(os.path.join(tmp_path, cfg.run_name, "samples_0001.png"))

@@ -7,6 +7,9 @@ and an interrupted one resumed (`--resume auto`), so the grid can be filled in p
     python bench/ablate.py --variants crd,nft,anchor-only --seeds 0,1,2   # ~12 min per run on 2 CPU cores
     python bench/ablate.py --report                                        # docs/ablation*.csv, docs/ablation.png
 
+`--preset tiny_geneval` runs the same variants on the shapes-world GenEval task (`crd.py --preset tiny_geneval`)
+and reports the held-out GenEval score, the partial credit and each tag's accuracy instead.
+
 The report reads each run's metrics.jsonl (held-out OCR reward of theta, no CFG, at every evaluation, with the
 unseen PP-OCRv4 metric when it was logged and the reward-hacking signs: fraction of near-blank images, mean
 per-image grey-level std) and scores each final LoRA once on the second half of the held-out list (prompts
@@ -45,10 +48,10 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
 }
 
 
-def command(variant, seed, iterations, out):
-    return ["python", "crd.py", "--reward", "ocr", *VARIANTS[variant], "--seed", str(seed),
-            "--iterations", str(iterations), "--output-dir", os.path.relpath(out, ROOT), "--run-name",
-            f"{variant}-s{seed}"]
+def command(variant, seed, iterations, out, preset="tiny_ocr"):
+    task = ["--reward", "ocr"] if preset == "tiny_ocr" else ["--preset", preset]
+    return ["python", "crd.py", *task, *VARIANTS[variant], "--seed", str(seed), "--iterations", str(iterations),
+            "--output-dir", os.path.relpath(out, ROOT), "--run-name", f"{variant}-s{seed}"]
 
 
 def read_metrics(run_dir):
@@ -63,14 +66,14 @@ def finished(run_dir, iterations):
     return any(m.get("eval/iteration") == iterations for m in read_metrics(run_dir))
 
 
-def run(variants, seeds, iterations, out):
+def run(variants, seeds, iterations, out, preset="tiny_ocr"):
     for seed in seeds:  # seeds outermost: a partial grid still covers every variant
         for variant in variants:
             run_dir = os.path.join(out, f"{variant}-s{seed}")
             if finished(run_dir, iterations):
                 print(f"{variant} seed {seed}: done, skipped", flush=True)
                 continue
-            cmd = command(variant, seed, iterations, out)
+            cmd = command(variant, seed, iterations, out, preset)
             if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 cmd += ["--resume", "auto"]
             print(" ".join(cmd), flush=True)
@@ -198,6 +201,44 @@ def report(iterations, out, name, threshold, rescore=False):
               f"{s['iterations_to_threshold']} | {s['blank_fraction']:.3f} | {s['pixel_std']:.3f} | `{s['flags']}` |")
 
 
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def report_geneval(iterations, out, name, preset):
+    """The GenEval task's table: per variant, mean ± std over seeds of the final held-out GenEval score (the mean
+    over the six tags of the fraction of images the benchmark's rules count correct), of the partial-credit reward
+    the runs optimise, and of each tag's fraction correct; per-run rows in docs/NAME_runs.csv."""
+    rows = []
+    for variant in VARIANTS:
+        for seed in range(100):
+            run_dir = os.path.join(out, f"{variant}-s{seed}")
+            if not finished(run_dir, iterations):
+                continue
+            first, last = (next(m for m in read_metrics(run_dir) if m.get("eval/iteration") == i)
+                           for i in (0, iterations))
+            tags = {tag: last[f"eval/tag/{tag}/geneval/correct"] for tag in GENEVAL_TAGS}
+            rows.append({"variant": variant, "seed": seed, "base_geneval": statistics.mean(
+                             first[f"eval/tag/{tag}/geneval/correct"] for tag in GENEVAL_TAGS),
+                         "geneval": statistics.mean(tags.values()), "partial_credit": last["eval/reward"], **tags,
+                         "blank_fraction": last["eval/blank"], "pixel_std": last["eval/pixel_std"],
+                         "command": " ".join(command(variant, seed, iterations, out, preset))})
+    if not rows:
+        sys.exit(f"no finished runs of {iterations} iterations under {out}; run some first")
+    os.makedirs(DOCS, exist_ok=True)
+    with open(os.path.join(DOCS, f"{name}_runs.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    keys = ("geneval", "partial_credit", *GENEVAL_TAGS)
+    print(f"| variant | seeds | {' | '.join(keys)} | near-blank | flags |")
+    print("|---" * (len(keys) + 4) + "|")
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in (mean_std([r[k] for r in mine]) for k in keys)]
+        print(f"| {variant} | {len(mine)} | {' | '.join(cells)} | "
+              f"{statistics.mean(r['blank_fraction'] for r in mine):.3f} | `{' '.join(VARIANTS[variant])}` |")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="crd,nft,anchor-only", help=f"comma-separated, from {list(VARIANTS)}")
@@ -208,12 +249,17 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablate"), help="where the runs live")
     parser.add_argument("--name", default="ablation", help="report files: docs/NAME.csv, NAME_runs.csv, NAME.png")
     parser.add_argument("--threshold", type=float, default=0.45, help="held-out reward counted as 'reached'")
+    parser.add_argument("--preset", default="tiny_ocr", choices=["tiny_ocr", "tiny_geneval"],
+                        help="the task: tiny_ocr (`crd.py --reward ocr`) or tiny_geneval (`crd.py --preset "
+                             "tiny_geneval`, reported by GenEval score and tag)")
     args = parser.parse_args()
-    if args.report:
+    if args.report and args.preset == "tiny_geneval":
+        report_geneval(args.iterations, os.path.abspath(args.out), args.name, args.preset)
+    elif args.report:
         report(args.iterations, os.path.abspath(args.out), args.name, args.threshold, args.rescore)
     else:
         unknown = set(args.variants.split(",")) - set(VARIANTS)
         if unknown:
             sys.exit(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
         run(args.variants.split(","), [int(s) for s in args.seeds.split(",")], args.iterations,
-            os.path.abspath(args.out))
+            os.path.abspath(args.out), args.preset)
