@@ -195,9 +195,9 @@ class Detection:
     """One detected object, as the GenEval detector (Mask2Former) reports it (compared by identity).
 
     label: object name (one of GENEVAL_OBJECTS, or of SHAPES in the shapes world); score: detector confidence in
-    [0, 1]; mask: (H, W) bool numpy array, True on the object (H, W: the image's height and width in pixels), or None when the detector gives
-    no mask (then the colour crop keeps the whole image inside the box, as the benchmark does); box: (x0, y0, x1, y1)
-    in pixels, x to the right and y downwards, x0 <= x1 and y0 <= y1.
+    [0, 1]; mask: (H, W) bool numpy array, True on the object (H, W: the image's height and width in pixels), or
+    None when the detector gives no mask (then the colour crop keeps the whole image inside the box, as the
+    benchmark does); box: (x0, y0, x1, y1) in pixels, x to the right and y downwards, x0 <= x1 and y0 <= y1.
     """
     label: str
     score: float

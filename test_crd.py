@@ -1873,14 +1873,16 @@ def test_sd35m_geneval_code_path_runs_one_iteration_with_json_lines_prompts(tmp_
 
 def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path):
     """`python crd.py --preset tiny_geneval`, shrunk to 2 iterations, on an untrained pipeline of the shapes
-    model's architecture (tools/pretrain_tiny.build_pipeline at 64x64): GenEval prompts of the shapes world, the
-    shapes detector's reward, per-tag held-out accuracy and the partial credit logged. Without --model the preset
-    says how to make the model it needs."""
-    from tools.pretrain_tiny import build_pipeline
+    model's architecture (tools/pretrain_tiny.build_pipeline at 64x64, word-level tokenizer): GenEval prompts of
+    the shapes world, the shapes detector's reward, per-tag held-out accuracy and the partial credit logged.
+    Without the model the preset says how to make it."""
+    from tools.pretrain_tiny import build_pipeline, shapes_words
 
     model = tmp_path / "shapes-model"
-    pipe = build_pipeline(str(tmp_path / "tokenizer"), height=64, max_length=42)
+    pipe = build_pipeline(str(tmp_path / "tokenizer"), height=64, max_length=12, words=shapes_words())
     pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)  # pretraining step (3) sets these
+    ids = pipe.tokenizer("a photo of a blue cross and a red square").input_ids
+    assert len(ids) == 12 and pipe.tokenizer.unk_token_id not in ids  # <bos>, one token per word, <eos>
     pipe.save_pretrained(str(model))
     if not os.path.isdir(crd.SHAPES_MODEL):
         with pytest.raises(crd.InputError, match="pretrain_tiny.py --world shapes"):

@@ -22,9 +22,9 @@ save_pretrained, to --out. --snapshot-dir also saves every copy, to compare cand
 
 --world shapes makes the GenEval task's model instead, with the same architecture at 64x64: images are scenes of
 tools/shapes_world.py drawn for the prompts of data/tiny_geneval/train.jsonl (written in step 1 by
-`make_prompt_lists`), prompts are the scenes' GenEval metadata lines (their "prompt" text is encoded, one token per
-character, spaces aside: 39 at most), validation scores the GenEval partial credit of `reward.geneval_shapes_reward`, and the model goes
-to assets/tiny-sd3-shapes.
+`make_prompt_lists`), prompts are the scenes' GenEval metadata lines (their "prompt" text is encoded by a
+word-level tokenizer, one token per word: 10 at most), validation scores the GenEval partial credit of
+`reward.geneval_shapes_reward`, and the model goes to assets/tiny-sd3-shapes.
 
     python tools/pretrain_tiny.py --world shapes   # writes assets/tiny-sd3-shapes and data/tiny_geneval
 """
@@ -101,14 +101,34 @@ def build_tokenizer(directory, max_length):
                          model_max_length=max_length, pad_token="<|endoftext|>")
 
 
-def build_pipeline(tokenizer_dir, height=HEIGHT, max_length=9):
+def build_word_tokenizer(directory, words, max_length):
+    """A word-level tokenizer (`tokenizers` WordLevel, whitespace split, <bos> ... <eos> added; a
+    PreTrainedTokenizerFast with CLIP's special tokens), saved to `directory`: one token per word of `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    vocab = {token: i for i, token in enumerate(special + sorted(set(words)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                             special_tokens=[(t, vocab[t]) for t in special[:2]])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special[0], eos_token=special[1],
+                                   pad_token=special[1], unk_token=special[2], model_max_length=max_length)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_pipeline(tokenizer_dir, height=HEIGHT, max_length=9, words=None):
     """The untrained tiny StableDiffusion3Pipeline, from configs only (sizes in the module docstring); images of
-    `height` pixels (sets the VAE's and transformer's sample sizes), prompts of up to max_length - 2 characters."""
+    `height` pixels (sets the VAE's and transformer's sample sizes); prompts of up to max_length - 2 tokens: one
+    per character (CLIPTokenizer, no merges), or with `words` one per word (`build_word_tokenizer`)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = build_tokenizer(tokenizer_dir, max_length=max_length)  # text: <bos> " 5 letters " <eos>
+    tokenizer = (build_word_tokenizer(tokenizer_dir, words, max_length) if words  # shapes: <bos> 10 words <eos>
+                 else build_tokenizer(tokenizer_dir, max_length=max_length))  # text: <bos> " 5 letters " <eos>
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
                                  projection_dim=64, bos_token_id=tokenizer.bos_token_id,
@@ -182,10 +202,19 @@ def shapes_world(args):
     return [json.dumps(m) for m in chosen], [json.dumps(m) for m in lists["val"]], pixels
 
 
-WORLDS = {"text": {"height": HEIGHT, "width": WIDTH, "max_length": 9, "data": text_world, "reward": "ocr",
+def shapes_words():
+    """Every word of the shapes world's prompts (its vocabulary: 25 words)."""
+    from tools.shapes_world import all_prompts
+
+    return sorted({word for items in all_prompts().values() for m in items for word in m["prompt"].split()})
+
+
+WORLDS = {"text": {"height": HEIGHT, "width": WIDTH, "max_length": 9, "words": None, "data": text_world,
+                   "reward": "ocr",
                    "out": os.path.join(ROOT, "assets", "tiny-sd3-text"),
                    "data_dir": os.path.join(ROOT, "data", "tiny_ocr"), "keep_step": 5750},
-          "shapes": {"height": 64, "width": 64, "max_length": 42, "data": shapes_world, "reward": "geneval_shapes",
+          "shapes": {"height": 64, "width": 64, "max_length": 12, "words": shapes_words(), "data": shapes_world,
+                     "reward": "geneval_shapes",
                      "out": os.path.join(ROOT, "assets", "tiny-sd3-shapes"),
                      "data_dir": os.path.join(ROOT, "data", "tiny_geneval"), "keep_step": 0}}
 
@@ -233,7 +262,7 @@ def main():
 
     # (2) VAE
     tokenizer_dir = os.path.join(args.out + ".tmp", "tokenizer")
-    pipe = build_pipeline(tokenizer_dir, world["height"], world["max_length"])
+    pipe = build_pipeline(tokenizer_dir, world["height"], world["max_length"], world["words"])
     train_vae(pipe.vae, images, args.vae_steps, args.batch_size, args.lr, generator)
     pipe.vae.eval().requires_grad_(False)
 
