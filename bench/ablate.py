@@ -103,6 +103,17 @@ def final_scores(run_dir, metrics, iterations, rescore=False):
     return {k: last.get(f"eval/{k}") for k in ("reward", "exact", "blank", "pixel_std", "ppocr")}
 
 
+def write_runs(rows, iterations, out, name):
+    """docs/NAME_runs.csv, one row per finished run; exits with a message when there is none."""
+    if not rows:
+        sys.exit(f"no finished runs of {iterations} iterations under {out}; run some first")
+    os.makedirs(DOCS, exist_ok=True)
+    with open(os.path.join(DOCS, f"{name}_runs.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
 
@@ -132,13 +143,7 @@ def report(iterations, out, name, threshold, rescore=False):
                          "blank_fraction": final["blank"], "pixel_std": final["pixel_std"],
                          "command": " ".join(command(variant, seed, iterations, out))})
             curves.setdefault(variant, []).append(evals)
-    if not rows:
-        sys.exit(f"no finished runs of {iterations} iterations under {out}; run some first")
-    os.makedirs(DOCS, exist_ok=True)
-    with open(os.path.join(DOCS, f"{name}_runs.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_runs(rows, iterations, out, name)
 
     summary = []
     for variant in curves:
@@ -222,13 +227,7 @@ def report_geneval(iterations, out, name, preset):
                          "geneval": statistics.mean(tags.values()), "partial_credit": last["eval/reward"], **tags,
                          "blank_fraction": last["eval/blank"], "pixel_std": last["eval/pixel_std"],
                          "command": " ".join(command(variant, seed, iterations, out, preset))})
-    if not rows:
-        sys.exit(f"no finished runs of {iterations} iterations under {out}; run some first")
-    os.makedirs(DOCS, exist_ok=True)
-    with open(os.path.join(DOCS, f"{name}_runs.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_runs(rows, iterations, out, name)
     keys = ("geneval", "partial_credit", *GENEVAL_TAGS)
     print(f"| variant | seeds | {' | '.join(keys)} | near-blank | flags |")
     print("|---" * (len(keys) + 4) + "|")
