@@ -58,6 +58,17 @@ def test_implicit_reward_is_zero_when_theta_equals_old():
         assert torch.equal(crd.implicit_reward(v, v.clone(), u, adaptive), torch.zeros(3))
 
 
+def test_normalize_rewards_ignore_a_global_affine_change_and_ties_give_one_half():
+    """Eq. (6): r -> a r + b (a > 0, the same for the whole batch) leaves r~ unchanged (up to the 1e-6 of the
+    divisor); an all-tied batch, at any value, gives r~ = 0.5 exactly, no NaN."""
+    rewards = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    base = crd.normalize_rewards(rewards)
+    for a, b in ((2.0, 0.0), (0.5, 3.0), (10.0, -4.0)):
+        assert torch.allclose(crd.normalize_rewards(a * rewards + b), base, atol=1e-5)
+    for value in (0.0, 0.1, 0.7, 0.9, 1.0):
+        assert torch.equal(crd.normalize_rewards(torch.full((3, 8), value)), torch.full((3, 8), 0.5))
+
+
 def test_normalize_rewards_hand_values():
     rewards = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
     # group means 0.5, 0.5; population std of (0, 1, .5, .5) = sqrt(0.125)
@@ -466,9 +477,12 @@ def test_json_lines_prompts_reach_the_reward_whole_and_the_encoder_as_text(tmp_p
 def test_ink_reward_is_deterministic_and_in_range():
     from PIL import Image
 
-    fn = reward.make_reward("ink")
-    rewards, _ = fn([Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")], ["a", "b"])
-    assert rewards.tolist() == [0.0, 1.0]
+    fn, images = reward.make_reward("ink"), [Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black"),
+                                             Image.new("RGB", (8, 8), (100, 150, 200))]
+    rewards, _ = fn(images, ["a", "b", "c"])
+    assert rewards[:2].tolist() == [0.0, 1.0] and 0 < rewards[2] < 1
+    assert torch.equal(fn(images, ["a", "b", "c"])[0], rewards)  # a second call, same images: same rewards
+    assert torch.equal(reward.make_reward("ink")(images[::-1], ["c", "b", "a"])[0], rewards.flip(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
