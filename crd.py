@@ -401,13 +401,12 @@ def normalize_rewards(rewards, clip=5.0):
 
     rewards: (P, K), row p = the K samples of prompt p. A = (r - mean_row r) / (std_all r + 1e-6), clipped to
     [-clip, clip]; returns r~ = clip(0.5 + A / 10, 0, 1), shape (P, K), in [0, 1]. std is the population std over
-    all P*K samples. Computed in float64 (returned in the rewards' dtype): a group of equal rewards then has
-    deviations of exactly 0, where a float32 mean can be off by an ulp that the 1e-6 of an all-tied batch would
-    blow up to r~ = 0.5 +- 0.006.
+    all P*K samples. An all-tied batch (Eq. 6 is 0 / 0 there) gives r~ = 0.5 exactly: computed, a float32 group
+    mean off by an ulp, divided by 0 + 1e-6, would give 0.5 +- 0.006.
     """
-    r = rewards.double()
-    advantages = (r - r.mean(dim=1, keepdim=True)) / (r.std(correction=0) + 1e-6)
-    return (0.5 + advantages.clamp(-clip, clip) / 10).clamp(0.0, 1.0).to(rewards.dtype)
+    advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(correction=0) + 1e-6)
+    normalized = (0.5 + advantages.clamp(-clip, clip) / 10).clamp(0.0, 1.0)
+    return torch.where(rewards.max() == rewards.min(), torch.full_like(normalized, 0.5), normalized)
 
 
 def group_center(x, group_size, centering="prompt", detach_mean=False):
