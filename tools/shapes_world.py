@@ -75,8 +75,9 @@ def all_prompts():
 def make_prompt_lists(seed=0):
     """{"train", "val", "heldout"}: lists of metadata with no prompt in two lists; each tag is shuffled with `seed`
     and its first HELDOUT[tag] prompts are held out, the next VAL[tag] validate, the rest train. Each list then
-    cycles through its prompts tag by tag to LINES[name] lines, tags in equal shares (a held-out prompt is drawn
-    several times, with different noise, as GenEval samples 4 images per prompt)."""
+    cycles through its prompts tag by tag to LINES[name] lines, tags in equal shares (a prompt is then drawn as
+    often as its tag's share needs, with different noise: held-out, 43 times for the one single-object prompt, about
+    once per color_attr prompt)."""
     rng = random.Random(seed)
     unique = {"train": {}, "val": {}, "heldout": {}}
     for tag, items in all_prompts().items():
