@@ -11,14 +11,21 @@ within the prompt's group of K samples removes it exactly. CRD regresses the cen
 difference between the trained and a slow reference model, computed on clean samples only) onto the centred
 external reward.
 
-Algorithm 1 (each step tagged `# Alg. 1, line k` in main()):
-  1. Sample K images for each of P prompts with the sampler snapshot (Euler ODE, no CFG); keep the clean x0.
-  2. Score them with a black-box reward r in [0, 1] and normalise within groups (Eq. 6).
-  3. For micro-batches of whole groups and T timesteps from the sampler's schedule: noise x0 (Eq. 1), get the
-     implicit reward from the theta-vs-old denoising-loss difference (Eq. 5), centre both rewards within groups and
-     regress one onto the other (Eq. 7); add a KL anchor to the CFG-guided pretrained model (Eq. 9) whose weight
-     grows with the sample's reward (Eq. 10). Accumulate gradients; a fixed number of AdamW steps per iteration.
-  4. Move the two EMA snapshots (old = implicit-reward reference, sampler = rollout policy) toward theta (Eq. 8).
+Algorithm 1 (CRD_SPEC.md §6; main() tags each line `# Alg. 1, line k`, lines 4-7 inside `update`, which it calls):
+  0  theta_old <- theta; theta_samp <- theta; s <- 0                                    add_lora_adapters
+  1  for each iteration:                                                                 main
+  2    draw P prompts; K samples each with the sampler snapshot (Euler ODE, no CFG),
+       keep the clean x0                                                                 draw_prompts, rollout
+  3    rewards r in [0, 1]; normalise within groups to r~ (Eq. 6)                        score
+  4    for each micro-batch of whole prompt groups:                                      update
+  5      for each of T timesteps from the sampler's schedule: noise x0 (Eq. 1), the
+         same x_sigma for theta, old and the pretrained model                            update
+  6        implicit reward r^ (Eq. 5), centred regression L_CRD (Eq. 7) + the KL
+           anchor to the CFG-guided pretrained model (Eq. 9) weighted by reward
+           (Eq. 10); backward / n_accum                                                  crd_pass
+  7        every n_accum passes: clip the gradient norm, AdamW step, s <- s + 1          update
+  8    move the two EMA snapshots toward theta (Eq. 8): old (implicit-reward
+       reference) and sampler (rollout policy)                                           move_snapshots
 
 Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
   1. w(t) in Eq. (5): the port's adaptive normalisation (per-sample mean |error|, detached); --no-adaptive-norm.
@@ -53,7 +60,9 @@ dimensions of each sample; losses are reduced in fp32.
 import argparse
 import ast
 import collections
+import contextlib
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -66,10 +75,12 @@ import time
 import numpy as np
 import torch
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
 TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
 SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model (not shipped yet)
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # attention projections
 
 
 class InputError(ValueError):
@@ -85,154 +96,103 @@ class InputError(ValueError):
 @dataclasses.dataclass
 class Config:
     # run
-    run_name: str = "crd-tiny-ocr"
-    """name of the output folder under output_dir"""
-    output_dir: str = "runs"
-    """where runs/<run_name>/ is written"""
-    seed: int = 0
-    """seeds every draw of the run (prompts, sampling noise, training noise)"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), or a torch device string"""
-    iterations: int = 75
-    """number of CRD iterations (Alg. 1 outer loop)"""
-    resume: str = ""
-    """checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)"""
+    run_name: str = "crd-tiny-ocr"  # name of the output folder under output_dir
+    output_dir: str = "runs"  # where runs/<run_name>/ is written
+    seed: int = 0  # seeds every draw of the run (prompts, sampling noise, training noise)
+    device: str = "auto"  # auto (cuda > mps > cpu), or a torch device string
+    iterations: int = 75  # number of CRD iterations (Alg. 1 outer loop)
+    resume: str = ""  # checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)
     # model
-    model: str = TINY_MODEL
-    """diffusers StableDiffusion3Pipeline: local directory or hub id"""
-    height: int = 32
-    """image height in pixels"""
-    width: int = 96
-    """image width in pixels"""
-    max_sequence_length: int = 2
-    """T5 tokens (the tiny model has no T5: zeros of this length)"""
-    mixed_precision: str = "no"
-    """'bf16' autocast on GPU (LoRA weights stay fp32), 'no' for fp32"""
-    gradient_checkpointing: bool = False
-    """recompute transformer activations in backward (saves GPU memory for SD3.5-M, costs ~30 % time)"""
-    text_encoders_on_cpu: bool = False
-    """keep the text encoders (T5-XXL: ~9.5 GB in bf16) on the CPU; their embeddings are moved to the GPU"""
-    prompt_cache: int = 0
-    """keep the text embeddings of this many distinct prompts on the CPU (LRU) instead of re-encoding; 0 = off"""
-    lora_rank: int = 32
-    """LoRA rank r on the attention projections"""
-    lora_alpha: int = 64
-    """LoRA alpha (scale alpha / r)"""
-    lora_targets: str = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
-    """comma-separated transformer module names that get LoRA (CRD_SPEC.md §7)"""
+    model: str = TINY_MODEL  # diffusers StableDiffusion3Pipeline: local directory or hub id
+    height: int = 32  # image height in pixels
+    width: int = 96  # image width in pixels
+    max_sequence_length: int = 2  # T5 tokens (the tiny model has no T5: zeros of this length)
+    mixed_precision: str = "no"  # 'bf16' autocast on GPU (LoRA weights stay fp32), 'no' for fp32
+    gradient_checkpointing: bool = False  # recompute transformer activations in backward (saves GPU memory for SD3.5-M,
+                                          # costs ~30 % time)
+    text_encoders_on_cpu: bool = False  # keep the text encoders (T5-XXL: ~9.5 GB in bf16) on the CPU; their embeddings
+                                        # are moved to the GPU
+    prompt_cache: int = 0  # keep the text embeddings of this many distinct prompts on the CPU (LRU) instead of
+                           # re-encoding; 0 = off
+    lora_rank: int = 32  # LoRA rank r on the attention projections
+    lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
+    lora_targets: str = LORA_TARGETS  # comma-separated transformer module names that get LoRA (CRD_SPEC.md §7)
     # sampling
-    prompts: str = os.path.join(TINY_DATA, "train.txt")
-    """training prompts, one per line (OCR target in double quotes)"""
-    prompts_per_iteration: int = 8
-    """P: prompts drawn per iteration"""
-    group_size: int = 8
-    """K: samples per prompt; centring (Eq. 7) needs K >= 2"""
-    num_steps: int = 10
-    """Euler steps of a rollout"""
-    guidance_scale: float = 1.0
-    """CFG scale of rollouts (1.0 = none, as in the paper)"""
+    prompts: str = os.path.join(TINY_DATA, "train.txt")  # training prompts, one per line (OCR target in double quotes)
+    prompts_per_iteration: int = 8  # P: prompts drawn per iteration
+    group_size: int = 8  # K: samples per prompt; centring (Eq. 7) needs K >= 2
+    num_steps: int = 10  # Euler steps of a rollout
+    guidance_scale: float = 1.0  # CFG scale of rollouts (1.0 = none, as in the paper)
     # evaluation
-    eval_prompts: str = os.path.join(TINY_DATA, "heldout.txt")
-    """held-out prompts, never trained on"""
-    eval_count: int = 256
-    """held-out prompts scored per evaluation: lines [eval_start, eval_start + eval_count) of the file"""
-    eval_start: int = 0
-    """first held-out prompt scored (0-based line index; e.g. 256 scores prompts 257-512 of data/tiny_ocr)"""
-    eval_every: int = 25
-    """evaluate every this many iterations (and before the first and after the last); 0 = only those two"""
-    eval_num_steps: int = 10
-    """Euler steps at evaluation"""
-    eval_guidance_scale: float = 1.0
-    """CFG scale at evaluation (1.0 = none)"""
+    eval_prompts: str = os.path.join(TINY_DATA, "heldout.txt")  # held-out prompts, never trained on
+    eval_count: int = 256  # held-out prompts scored per evaluation: lines [eval_start, eval_start + eval_count) of the
+                           # file
+    eval_start: int = 0  # first held-out prompt scored (0-based line index; e.g. 256 scores prompts 257-512 of
+                         # data/tiny_ocr)
+    eval_every: int = 25  # evaluate every this many iterations (and before the first and after the last); 0 = only
+                          # those two
+    eval_num_steps: int = 10  # Euler steps at evaluation
+    eval_guidance_scale: float = 1.0  # CFG scale at evaluation (1.0 = none)
     # reward
-    reward: str = "ocr"
-    """reward name in reward.REWARDS"""
-    eval_rewards: str = "ppocr"
-    """comma-separated rewards also scored at every held-out evaluation but never optimised (unseen metrics; ppocr =
-    the OCR reward read by PaddleOCR's PP-OCRv4, a second engine); '' = none"""
-    reward_options: str = ""
-    """the reward factories' arguments, NAME.ARGUMENT=VALUE comma-separated: model ids or local folders (e.g.
-    geneval.detector=DIR,geneval.clip=DIR,pickscore.model=DIR), geneval.position_bug=true; '' = their defaults"""
-    ocr_detection: bool = False
-    """OCR rewards detect text boxes before reading them (full-size images); off: the recogniser reads the whole
-    image as one line (the tiny model's 96x32 single-line renders, ~2x faster)"""
+    reward: str = "ocr"  # reward name in reward.REWARDS
+    eval_rewards: str = "ppocr"  # comma-separated rewards also scored at every held-out evaluation but never optimised
+                                 # (unseen metrics; ppocr = the OCR reward read by PaddleOCR's PP-OCRv4, a second
+                                 # engine); '' = none
+    reward_options: str = ""  # the reward factories' arguments, NAME.ARGUMENT=VALUE comma-separated: model ids or local
+                              # folders (e.g. geneval.detector=DIR,geneval.clip=DIR,pickscore.model=DIR),
+                              # geneval.position_bug=true; '' = their defaults
+    ocr_detection: bool = False  # OCR rewards detect text boxes before reading them (full-size images); off: the
+                                 # recogniser reads the whole image as one line (the tiny model's 96x32 single-line
+                                 # renders, ~2x faster)
     # CRD loss
-    objective: str = "crd"
-    """'crd' (Eqs. 5-10), 'nft' (DiffusionNFT baseline, Appendix A) or 'anchor' (reward-free control: KL only)"""
-    nft_beta: float = 1.0
-    """beta_NFT of Eq. (A1), used only with --objective nft"""
-    beta: float = 1.0
-    """beta of Eqs. (3)-(7): KL strength toward the old model = inverse reward temperature"""
-    adaptive_norm: bool = True
-    """per-sample adaptive normalisation of the denoising errors in Eq. (5)"""
-    centering: str = "prompt"
-    """Eq. (7) centring: 'prompt' (within each group of K) or 'batch' (over the micro-batch, the port)"""
-    loss_type: str = "mse"
-    """Eq. (7) regression: 'mse' or 'bce' (BCEWithLogits(beta R^, sigmoid(R)))"""
-    train_timesteps: int = 3
-    """T: training timesteps per sample per iteration, from the sampler schedule"""
-    shared_timesteps: bool = True
-    """all samples of a pass share its sigma (the port), so centring compares samples at one noise level; off:
-    each sample draws its own"""
-    group_noise: bool = False
-    """the K samples of a prompt share the noise eps of a pass (common random numbers: the within-group
-    differences of r^ then come from the samples, not from the noise); off: fresh eps per sample (the port)"""
-    timestep_range: float = 0.99
-    """keep the first floor(timestep_range * num_steps) schedule steps for training (drops the near-clean tail)"""
+    objective: str = "crd"  # 'crd' (Eqs. 5-10), 'nft' (DiffusionNFT baseline, Appendix A) or 'anchor' (reward-free
+                            # control: KL only)
+    nft_beta: float = 1.0  # beta_NFT of Eq. (A1), used only with --objective nft
+    beta: float = 1.0  # beta of Eqs. (3)-(7): KL strength toward the old model = inverse reward temperature
+    adaptive_norm: bool = True  # per-sample adaptive normalisation of the denoising errors in Eq. (5)
+    centering: str = "prompt"  # Eq. (7) centring: 'prompt' (within each group of K) or 'batch' (over the micro-batch,
+                               # the port)
+    loss_type: str = "mse"  # Eq. (7) regression: 'mse' or 'bce' (BCEWithLogits(beta R^, sigmoid(R)))
+    train_timesteps: int = 3  # T: training timesteps per sample per iteration, from the sampler schedule
+    shared_timesteps: bool = True  # all samples of a pass share its sigma (the port), so centring compares samples at
+                                   # one noise level; off: each sample draws its own
+    group_noise: bool = False  # the K samples of a prompt share the noise eps of a pass (common random numbers: the
+                               # within-group differences of r^ then come from the samples, not from the noise); off:
+                               # fresh eps per sample (the port)
+    timestep_range: float = 0.99  # keep the first floor(timestep_range * num_steps) schedule steps for training (drops
+                                  # the near-clean tail)
     # drift control
-    slow_reference: bool = True
-    """old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration"""
-    old_decay_start: float = 0.25
-    """eta_old(s) = min(start + rate s, max), Eq. (8)"""
-    old_decay_rate: float = 0.005
-    """see old_decay_start"""
-    old_decay_max: float = 0.999
-    """see old_decay_start"""
-    decoupled_sampler: bool = True
-    """rollouts from an EMA sampler snapshot with eta_samp of Eq. (8); off: rollouts from theta"""
-    sampler_decay_delay: int = 75
-    """eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)"""
-    sampler_decay_rate: float = 0.0075
-    """see sampler_decay_delay"""
-    sampler_decay_max: float = 0.999
-    """see sampler_decay_delay"""
-    kl_beta: float = 0.1
-    """strength of the KL anchor to the pretrained model, Eq. (10); 0 switches the anchor off"""
-    kl_cfg: float = 4.5
-    """CFG scale of the anchor's pretrained velocity, Eq. (9); 1.0 = anchor to the no-CFG model"""
-    adaptive_kl: bool = True
-    """reward-adaptive KL weight of Eq. (10); off: kl_beta for every sample"""
-    kl_reward: str = "normalized"
-    """reward that scales the adaptive KL weight: 'normalized' (r~ of Eq. 6) or 'raw' (r)"""
+    slow_reference: bool = True  # old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration
+    old_decay_start: float = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8)
+    old_decay_rate: float = 0.005  # see old_decay_start
+    old_decay_max: float = 0.999  # see old_decay_start
+    decoupled_sampler: bool = True  # rollouts from an EMA sampler snapshot with eta_samp of Eq. (8); off: rollouts from
+                                    # theta
+    sampler_decay_delay: int = 75  # eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)
+    sampler_decay_rate: float = 0.0075  # see sampler_decay_delay
+    sampler_decay_max: float = 0.999  # see sampler_decay_delay
+    kl_beta: float = 0.1  # strength of the KL anchor to the pretrained model, Eq. (10); 0 switches the anchor off
+    kl_cfg: float = 4.5  # CFG scale of the anchor's pretrained velocity, Eq. (9); 1.0 = anchor to the no-CFG model
+    adaptive_kl: bool = True  # reward-adaptive KL weight of Eq. (10); off: kl_beta for every sample
+    kl_reward: str = "normalized"  # reward that scales the adaptive KL weight: 'normalized' (r~ of Eq. 6) or 'raw' (r)
     # optimisation
-    learning_rate: float = 1e-3
-    """AdamW learning rate (constant)"""
-    adam_beta1: float = 0.9
-    """AdamW beta1"""
-    adam_beta2: float = 0.999
-    """AdamW beta2"""
-    weight_decay: float = 1e-4
-    """AdamW weight decay"""
-    adam_eps: float = 1e-8
-    """AdamW epsilon"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clip"""
-    skip_nonfinite: bool = False
-    """skip and count passes / steps with a non-finite loss or gradient norm instead of stopping the run"""
-    optimizer_steps_per_iteration: int = 2
-    """AdamW steps per iteration; gradients accumulate over the passes in between"""
-    micro_batch_size: int = 32
-    """samples per forward/backward pass; a multiple of group_size so groups stay whole"""
-    sample_batch_size: int = 64
-    """rollout images per pipeline call (no gradients; bounds sampling memory at full size)"""
+    learning_rate: float = 1e-3  # AdamW learning rate (constant)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    skip_nonfinite: bool = False  # skip and count passes / steps with a non-finite loss or gradient norm instead of
+                                  # stopping the run
+    optimizer_steps_per_iteration: int = 2  # AdamW steps per iteration; gradients accumulate over the passes in between
+    micro_batch_size: int = 32  # samples per forward/backward pass; a multiple of group_size so groups stay whole
+    sample_batch_size: int = 64  # rollout images per pipeline call (no gradients; bounds sampling memory at full size)
     # logging / checkpoints
-    sample_every: int = 5
-    """save a captioned grid of rollouts every this many iterations"""
-    checkpoint_every: int = 1
-    """write runs/<run_name>/checkpoint.pt every this many iterations (and at the end, or when stopped)"""
-    log_to: str = ""
-    """live curves besides metrics.jsonl: 'tensorboard' (runs/<run_name>/tensorboard) or 'wandb' (WANDB_MODE=offline
-    works offline); '' = metrics.jsonl only"""
+    sample_every: int = 5  # save a captioned grid of rollouts every this many iterations
+    checkpoint_every: int = 1  # write runs/<run_name>/checkpoint.pt every this many iterations (and at the end, or when
+                               # stopped)
+    log_to: str = ""  # live curves besides metrics.jsonl: 'tensorboard' (runs/<run_name>/tensorboard) or 'wandb'
+                      # (WANDB_MODE=offline works offline); '' = metrics.jsonl only
 
     def validate(self, world_size=1):
         """Raise InputError naming the field and the fix for impossible settings, before any expensive work."""
@@ -286,8 +246,12 @@ POSITIVE_FIELDS = {"iterations", "height", "width", "lora_rank", "lora_alpha", "
                    "nft_beta", "train_timesteps", "timestep_range", "learning_rate", "adam_eps", "max_grad_norm",
                    "optimizer_steps_per_iteration", "micro_batch_size", "sample_batch_size", "sample_every",
                    "checkpoint_every", "max_sequence_length"}
+
+
 NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "kl_beta", "kl_cfg", "weight_decay",
                        "old_decay_rate", "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
+
+
 FRACTION_FIELDS = {"adam_beta1", "adam_beta2", "old_decay_start", "old_decay_max", "sampler_decay_max"}
 
 
@@ -334,10 +298,19 @@ PRESETS = {"tiny_ocr": tiny_ocr, "tiny_geneval": tiny_geneval, "sd35m_ocr": sd35
 
 
 def field_docs(cls):
-    """The one-line docstring under each dataclass field, read from the source (used as --help text)."""
-    tree = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(tree, tree[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    """The comment after each dataclass field, with the comment lines aligned under it, read from the source (used
+    as --help text): {field name: text}."""
+    lines = inspect.getsource(cls).splitlines()
+    docs = {}
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and (column := lines[node.lineno - 1].find("#", node.end_col_offset)) > 0:
+            text = [lines[node.lineno - 1][column + 1:].strip()]
+            for line in lines[node.lineno:]:  # continuation: a comment alone on its line, in the same column
+                if line.find("#") != column or line[:column].strip():
+                    break
+                text.append(line[column + 1:].strip())
+            docs[node.target.id] = " ".join(text)
+    return docs
 
 
 def parse_args(argv=None):
@@ -364,7 +337,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The algorithm: pure functions, tensors in and out (tested in test_crd.py)
+# The math: pure functions, tensors in and out, in the order of the equations (tested in test_crd.py)
 # ----------------------------------------------------------------------------------------------------------------
 def interpolate(x0, eps, sigma):
     """Forward (noising) process, Eq. (1): x_sigma = (1 - sigma) x0 + sigma eps.
@@ -448,23 +421,22 @@ def within_group_correlation(x, y, group_size):
     return float(((x * y).sum(dim=1)[valid] / norm[valid]).mean()) if valid.any() else math.nan
 
 
-def nft_loss(v_theta, v_old, x_sigma, x0, sigma, rewards, beta=1.0, floor=1e-5):
-    """The DiffusionNFT baseline loss, Eqs. (A1)-(A2) without their KL term (for side-by-side comparisons).
+def ema_decay(step, start=0.0, rate=0.0, maximum=0.999, delay=0):
+    """EMA decay schedule of Eq. (8): 0 before `delay` optimizer steps, then min(start + rate (s - delay), max).
 
-    v_theta, v_old (the sampler snapshot in NFT), x_sigma, x0: (N, C, H, W); sigma: (N,); rewards r~: (N,) in
-    [0, 1] (Eq. 6), not centred. The implicit positive / negative policies v+- = v_old +- beta (v_theta - v_old)
-    predict x0^+- = x_sigma - sigma v+-; their adaptively normalised x0 errors are weighted by r~ and 1 - r~.
-    Returns a scalar (fp32). With v_theta == v_old both errors are equal and the loss ignores the rewards.
+    OCR: eta_old = ema_decay(s, 0.25, 0.005) and eta_samp = ema_decay(s, 0, 0.0075, delay=75).
     """
-    v_pos = beta * v_theta.float() + (1 - beta) * v_old.float()  # Eq. (A1)
-    v_neg = (1 + beta) * v_old.float() - beta * v_theta.float()
-    losses = []
-    for v in (v_pos, v_neg):
-        err = x_sigma.float() - sigma.view(-1, 1, 1, 1) * v - x0.float()
-        w = per_sample_mean(err.abs()).detach().clamp_min(floor).view(-1, 1, 1, 1)
-        losses.append(per_sample_mean(err ** 2 / w))
-    r = rewards.float()
-    return 5.0 * (r * losses[0] / beta + (1 - r) * losses[1] / beta).mean()  # Eq. (A2)
+    return 0.0 if step < delay else min(start + rate * (step - delay), maximum)
+
+
+@torch.no_grad()
+def ema_update(target, source, decay):
+    """In place: target <- decay target + (1 - decay) source for paired tensor lists (Eq. 8); decay <= 0 copies."""
+    for t, s in zip(target, source):
+        if decay <= 0:
+            t.copy_(s)
+        else:
+            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
 
 def cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, guidance_scale):
@@ -487,38 +459,32 @@ def kl_weights(rewards, kl_beta, adaptive=True, floor=1e-4):
     return floor + rewards.float() * (kl_beta - floor)
 
 
-def ema_decay(step, start=0.0, rate=0.0, maximum=0.999, delay=0):
-    """EMA decay schedule of Eq. (8): 0 before `delay` optimizer steps, then min(start + rate (s - delay), max).
+# -- the DiffusionNFT baseline (--objective nft), for side-by-side comparisons -----------------------------------
+NFT_KL_WEIGHT = 1e-4  # Eq. (A2)
 
-    OCR: eta_old = ema_decay(s, 0.25, 0.005) and eta_samp = ema_decay(s, 0, 0.0075, delay=75).
+
+def nft_loss(v_theta, v_old, x_sigma, x0, sigma, rewards, beta=1.0, floor=1e-5):
+    """The DiffusionNFT baseline loss, Eqs. (A1)-(A2) without their KL term (for side-by-side comparisons).
+
+    v_theta, v_old (the sampler snapshot in NFT), x_sigma, x0: (N, C, H, W); sigma: (N,); rewards r~: (N,) in
+    [0, 1] (Eq. 6), not centred. The implicit positive / negative policies v+- = v_old +- beta (v_theta - v_old)
+    predict x0^+- = x_sigma - sigma v+-; their adaptively normalised x0 errors are weighted by r~ and 1 - r~.
+    Returns a scalar (fp32). With v_theta == v_old both errors are equal and the loss ignores the rewards.
     """
-    return 0.0 if step < delay else min(start + rate * (step - delay), maximum)
-
-
-@torch.no_grad()
-def ema_update(target, source, decay):
-    """In place: target <- decay target + (1 - decay) source for paired tensor lists (Eq. 8); decay <= 0 copies."""
-    for t, s in zip(target, source):
-        if decay <= 0:
-            t.copy_(s)
-        else:
-            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    v_pos = beta * v_theta.float() + (1 - beta) * v_old.float()  # Eq. (A1)
+    v_neg = (1 + beta) * v_old.float() - beta * v_theta.float()
+    losses = []
+    for v in (v_pos, v_neg):
+        err = x_sigma.float() - sigma.view(-1, 1, 1, 1) * v - x0.float()
+        w = per_sample_mean(err.abs()).detach().clamp_min(floor).view(-1, 1, 1, 1)
+        losses.append(per_sample_mean(err ** 2 / w))
+    r = rewards.float()
+    return 5.0 * (r * losses[0] / beta + (1 - r) * losses[1] / beta).mean()  # Eq. (A2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: load the pipeline, LoRA adapters theta / old / sampler, sampling, evaluation
+# Model helpers: the pipeline, text embeddings, sampling, the LoRA adapters theta / old / sampler
 # ----------------------------------------------------------------------------------------------------------------
-def check_model(model):
-    """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline."""
-    looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
-    if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
-        if os.path.abspath(model) == SHAPES_MODEL:
-            raise InputError(f"the shapes model {model} is not shipped yet: make it with `python "
-                             f"tools/pretrain_tiny.py --world shapes` (~1 h on 2 cores), or pass --model")
-        raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
-                         f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
-
-
 def load_pipeline(model, dtype=torch.float32, device="cpu"):
     """Load a `StableDiffusion3Pipeline` from a local directory or a hub id (e.g. the embedded tiny model).
 
@@ -543,6 +509,18 @@ def load_pipeline(model, dtype=torch.float32, device="cpu"):
     return pipe.to(device)
 
 
+def load_frozen_pipeline(cfg, device):
+    """`load_pipeline(cfg.model)` in bf16 or fp32 (--mixed-precision) with the VAE and the text encoders frozen; with
+    --text-encoders-on-cpu the text encoders stay on the CPU (`encode_prompts` moves their output)."""
+    pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False)
+            if cfg.text_encoders_on_cpu and module is not pipe.vae:
+                module.to("cpu")
+    return pipe
+
+
 def encode_prompts(pipe, prompts, max_sequence_length, cache=None):
     """Text-encode prompts with the pipeline's own encoders (which may live on the CPU, see text_encoders_on_cpu).
 
@@ -562,26 +540,23 @@ def encode_prompts(pipe, prompts, max_sequence_length, cache=None):
 
 
 class PromptCache:
-    """Text embeddings of the last `size` distinct prompts, kept on the CPU (least recently used dropped first).
-
-    Each prompt is encoded alone, so its embedding never depends on which prompts shared its batch and a resumed
-    run sees bitwise the same tensors. Cost: SD3.5-M at 256 T5 tokens holds ~2.7 MB per prompt (bf16).
-    """
+    """Text embeddings of the last `size` distinct prompts, kept on the CPU (functools.lru_cache: the least recently
+    used is dropped first). Each prompt is encoded alone, so its embedding never depends on which prompts shared its
+    batch and a resumed run sees bitwise the same tensors. Cost: SD3.5-M at 256 T5 tokens holds ~2.7 MB per prompt
+    (bf16)."""
 
     def __init__(self, size):
-        self.size, self.store = size, collections.OrderedDict()
+        self.encode_one = functools.lru_cache(maxsize=size)(self._encode_one)
+
+    @staticmethod
+    def _encode_one(pipe, prompt, max_sequence_length):
+        embeds, pooled = encode_prompts(pipe, [prompt], max_sequence_length)
+        return embeds[0].cpu(), pooled[0].cpu()
 
     def __call__(self, pipe, prompts, max_sequence_length):
-        for prompt in prompts:
-            if prompt not in self.store:
-                embeds, pooled = encode_prompts(pipe, [prompt], max_sequence_length)
-                self.store[prompt] = (embeds[0].cpu(), pooled[0].cpu())
-            self.store.move_to_end(prompt)
-        while len(self.store) > self.size:
-            self.store.popitem(last=False)
+        pairs = [self.encode_one(pipe, prompt, max_sequence_length) for prompt in prompts]
         device = pipe.transformer.device
-        return (torch.stack([self.store[p][0] for p in prompts]).to(device),
-                torch.stack([self.store[p][1] for p in prompts]).to(device))
+        return torch.stack([e for e, _ in pairs]).to(device), torch.stack([p for _, p in pairs]).to(device)
 
 
 @torch.no_grad()
@@ -609,6 +584,516 @@ def decode_latents(pipe, latents, chunk_size=32):
     return images
 
 
+ADAPTERS = ("theta", "old", "sampler")  # trained policy, implicit-reward reference, rollout policy
+
+
+def add_lora_adapters(transformer, rank, alpha, targets):
+    """Freeze the transformer and give it three LoRA adapters (peft) with identical initial weights.
+
+    Returns {adapter name: list of its LoRA parameters}, the lists aligned element by element, so that
+    `ema_update(params["old"], params["theta"], eta)` implements Eq. (8). Adapters off = the pretrained model.
+    """
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets.split(","))
+    for name in ADAPTERS:
+        transformer.add_adapter(config, adapter_name=name)
+    params = {name: [p for n, p in transformer.named_parameters() if f".{name}." in n] for name in ADAPTERS}
+    for p in params["theta"] + params["old"] + params["sampler"]:  # fp32 LoRA weights on a bf16 base model
+        p.data = p.data.float()
+    for name in ("old", "sampler"):  # theta_old <- theta; theta_samp <- theta
+        ema_update(params[name], params["theta"], 0.0)
+    use_adapter(transformer, "theta")
+    return params
+
+
+def use_adapter(transformer, name):
+    """Route the transformer through LoRA adapter `name`, or through none (the pretrained model) if None.
+
+    NOTE: peft's set_adapter makes the active adapter trainable and the others frozen, so the trained adapter must
+    be selected last before its forward pass, as `velocity` does.
+    """
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(name)
+
+
+def velocity(transformer, adapter, x_sigma, sigma, prompt_embeds, pooled_prompt_embeds):
+    """v(x_sigma, t, c) of adapter `adapter` (None = pretrained). x_sigma (B, C, H, W), sigma (B,) -> (B, C, H, W)."""
+    use_adapter(transformer, adapter)
+    return transformer(hidden_states=x_sigma, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds,
+                       pooled_projections=pooled_prompt_embeds, return_dict=False)[0]
+
+
+def training_sigmas(scheduler, num_steps, timestep_range):
+    """The sampler's sigma schedule without its near-clean tail: the first floor(range * steps) values, (S,)."""
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas[: int(timestep_range * num_steps)].float().cpu().clone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm's steps, in the order main() calls them (Alg. 1, lines 2-8)
+# ----------------------------------------------------------------------------------------------------------------
+SEED_STRIDE = 1_000_003  # iteration i of a run seeded s draws from seed s * SEED_STRIDE + i ...
+RANK_STRIDE = 1009       # ... and rank r's training noise from (s * SEED_STRIDE + i) * RANK_STRIDE + r
+
+
+def iteration_generators(seed, iteration, rank):
+    """The two generators of one iteration: (draws: prompts and sampling seeds, the same on every rank; noise: the
+    training timesteps and eps of this rank). Seeded by (seed, iteration, rank) only, so a resumed run repeats
+    exactly the draws of a straight one without storing RNG states (Deviation 7)."""
+    base = seed * SEED_STRIDE + iteration
+    return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base * RANK_STRIDE + rank)
+
+
+def draw_prompts(prompts, cfg, generator, rank=0, world_size=1):
+    """Alg. 1, line 2 (first half): P prompts without replacement and one sampling seed per image, then this rank's
+    share, whole groups: prompts [r P/W, (r+1) P/W). Returns (P/W prompts, P/W * K seeds)."""
+    chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_iteration]]
+    seeds = torch.randint(2**31 - 1, (len(chosen) * cfg.group_size,), generator=generator).tolist()
+    share = cfg.prompts_per_iteration // world_size
+    mine = slice(rank * share, (rank + 1) * share)
+    return chosen[mine], seeds[mine.start * cfg.group_size: mine.stop * cfg.group_size]
+
+
+@torch.no_grad()
+def rollout(pipe, prompts, seeds, cfg, autocast, prompt_cache=None):
+    """Alg. 1, line 2: K samples for each prompt from the sampler snapshot (theta if not decoupled), no CFG.
+
+    prompts: P' prompts; seeds: P' * K ints. Returns x0 (P'K, C, H, W), prompt_embeds (P'K, L, D), pooled
+    (P'K, D') and P'K PIL images; the K samples of a prompt are contiguous.
+    """
+    prompt_embeds, pooled = encode_prompts(pipe, prompts, cfg.max_sequence_length, prompt_cache)
+    prompt_embeds = prompt_embeds.repeat_interleave(cfg.group_size, dim=0)
+    pooled = pooled.repeat_interleave(cfg.group_size, dim=0)
+    use_adapter(pipe.transformer, "sampler" if cfg.decoupled_sampler else "theta")
+    chunks = []
+    for start in range(0, len(seeds), cfg.sample_batch_size):
+        part = slice(start, start + cfg.sample_batch_size)
+        with autocast:
+            chunks.append(sample_latents(pipe, prompt_embeds[part], pooled[part], seeds[part], cfg.height, cfg.width,
+                                         cfg.num_steps, cfg.guidance_scale, cfg.max_sequence_length))
+    x0 = torch.cat(chunks)
+    return x0.float(), prompt_embeds, pooled, decode_latents(pipe, x0)
+
+
+def score(reward_fn, images, prompts, cfg, iteration, device, rank=0, world_size=1):
+    """Alg. 1, line 3: black-box rewards of this rank's images, gathered from every rank, normalised within prompt
+    groups (Eq. 6). images, prompts: this rank's N/W images and their prompts (K per prompt, contiguous).
+
+    Returns (this rank's targets for `update`: {"rewards_normalized": r~ (N/W,), "rewards_kl": the reward that
+    scales Eq. (10) (N/W,)}, this rank's raw rewards (N/W,), the log entries). Raises FloatingPointError on a
+    non-finite reward.
+    """
+    rewards_local, info = reward_fn(images, prompts)
+    rewards = all_gather(rewards_local.to(device), world_size)  # (P*K,), rank order = prompt order
+    if not torch.isfinite(rewards).all():
+        raise FloatingPointError(f"non-finite reward at iteration {iteration}: {rewards.tolist()}")
+    rewards_normalized = normalize_rewards(rewards.view(-1, cfg.group_size)).flatten()  # Eq. (6)
+    mine = slice(rank * len(images), (rank + 1) * len(images))
+    targets = {"rewards_normalized": rewards_normalized[mine],
+               "rewards_kl": (rewards_normalized if cfg.kl_reward == "normalized" else rewards)[mine]}
+    log = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+           "reward/group_std": rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
+           **{f"reward/{k}": float(v.float().mean()) if torch.is_tensor(v) else v for k, v in info.items()}}
+    return targets, rewards_local, log
+
+
+def draw_timesteps(n_samples, n_sigmas, cfg, generator):
+    """Alg. 1, line 5: which of the n_sigmas kept schedule steps each sample trains on, T = cfg.train_timesteps
+    distinct ones (without replacement). With cfg.shared_timesteps every sample of a micro-batch gets the same T
+    steps, so a group's r^ are compared at one noise level (Deviation 4). Returns indices (n_samples, T)."""
+    n_draws = n_samples // cfg.micro_batch_size if cfg.shared_timesteps else n_samples
+    index = torch.stack([torch.randperm(n_sigmas, generator=generator)[:cfg.train_timesteps] for _ in range(n_draws)])
+    return index.repeat_interleave(n_samples // n_draws, dim=0)
+
+
+def draw_noise(x0, repeat, generator):
+    """eps ~ N(0, I) shaped like x0 (B, C, H, W), drawn on the CPU from `generator`, on x0's device; each draw is
+    used by `repeat` consecutive samples (repeat = K with --group-noise: one eps per prompt group)."""
+    eps = torch.randn((len(x0) // repeat, *x0.shape[1:]), generator=generator)
+    return eps.repeat_interleave(repeat, dim=0).to(x0.device)
+
+
+def crd_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
+    """Alg. 1, line 6: CRD's loss on one micro-batch at one noise level.
+
+    x_sigma (B, C, H, W), sigma (B,) and u = eps - x0 (B, C, H, W) from Eqs. (1)-(2); mb: the micro-batch's slice of
+    `batch` (see `update`). Returns (L_CRD, L_KL, the per-sample KL (B,), r^ (B,)), all fp32.
+    """
+    embeds, pooled, size = batch["prompt_embeds"][mb], batch["pooled"][mb], len(x_sigma)
+    with autocast, torch.no_grad():
+        v_old = velocity(transformer, "old", x_sigma, sigma, embeds, pooled)
+        v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
+                         torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
+                         torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
+    with autocast:  # theta last: peft trains the adapter selected last (see use_adapter)
+        v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
+    r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
+    loss_crd = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta, cfg.centering,
+                        cfg.loss_type)  # Eq. (7)
+    kl = cfg_anchor_kl(v_theta, *v_pre.chunk(2), cfg.kl_cfg)  # Eq. (9)
+    loss_kl = (kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
+    return loss_crd, loss_kl, kl, r_hat
+
+
+def anchor_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
+    """The reward-free control (--objective anchor): CRD's pass with the reward term dropped, the KL anchor kept."""
+    _, loss_kl, kl, r_hat = crd_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast)
+    return torch.zeros((), device=x_sigma.device), loss_kl, kl, r_hat
+
+
+def nft_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
+    """The DiffusionNFT baseline (--objective nft): its loss, Eqs. (A1)-(A2), with its sampler snapshot as the
+    reference and a KL of weight NFT_KL_WEIGHT to the pretrained model without CFG. Returns what crd_pass returns
+    (r^ only for the diagnostics)."""
+    embeds, pooled = batch["prompt_embeds"][mb], batch["pooled"][mb]
+    with autocast, torch.no_grad():
+        v_old = velocity(transformer, "sampler", x_sigma, sigma, embeds, pooled)
+        v_pre = velocity(transformer, None, x_sigma, sigma, embeds, pooled)
+    with autocast:
+        v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
+    r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)
+    loss_nft = nft_loss(v_theta, v_old, x_sigma, batch["x0"][mb], sigma, batch["rewards_normalized"][mb],
+                        cfg.nft_beta)
+    kl = cfg_anchor_kl(v_theta, v_pre, v_pre, 1.0)
+    return loss_nft, NFT_KL_WEIGHT * kl.mean(), kl, r_hat
+
+
+OBJECTIVES = {"crd": crd_pass, "anchor": anchor_pass, "nft": nft_pass}  # --objective -> the loss of one pass
+
+
+def finite(value, what, cfg, iteration, step):
+    """True if the scalar tensor `value` is finite. If not: False with --skip-nonfinite (the caller skips the pass or
+    step and counts it), else FloatingPointError naming `what`, the iteration and the optimizer step."""
+    if torch.isfinite(value):
+        return True
+    if cfg.skip_nonfinite:
+        return False
+    raise FloatingPointError(f"non-finite {what} {value.item()} at iteration {iteration}, optimizer step {step}")
+
+
+def pass_diagnostics(loss_reward, loss_kl, kl, r_hat, rewards, cfg):
+    """Is the regression of Eq. (7) learning? The log entries of one pass, with the within-group correlation of r^
+    and r~ and the spreads of beta R^ and R, and (squared fit error, squared target) summed over the pass, from
+    which `summarize` gives the explained fraction. rewards: r~ of the pass (B,)."""
+    target = group_center(rewards.float(), cfg.group_size, cfg.centering)
+    predicted = cfg.beta * group_center(r_hat.detach(), cfg.group_size, cfg.centering)
+    log = {f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
+           "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item(),
+           "crd/corr": within_group_correlation(r_hat, rewards, cfg.group_size),
+           "crd/R_hat_std": predicted.std().item(), "crd/R_std": target.std().item()}
+    return log, (float(((predicted - target) ** 2).sum()), float((target ** 2).sum()))
+
+
+def summarize(logs, fits, grad_norms, skipped):
+    """One iteration's log from its passes: the mean of each entry over the passes (NaNs left out), the mean
+    gradient norm, the count of skipped passes / steps, and crd/explained = 1 - sum (beta R^ - R)^2 / sum R^2
+    (<= 0: Eq. (7) explains nothing of the centred rewards)."""
+    finite_values = {key: [log[key] for log in logs if not math.isnan(log[key])] for key in (logs[0] if logs else {})}
+    means = {key: float(np.mean(values)) if values else math.nan for key, values in finite_values.items()}
+    fit_error, target_power = sum(f for f, _ in fits), sum(p for _, p in fits)
+    return means | {"train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+                    "train/skipped": skipped,
+                    "crd/explained": 1 - fit_error / target_power if target_power > 0 else math.nan}
+
+
+def update(transformer, params, optimizer, batch, cfg, generator, autocast, where, passes_per_step, world_size=1):
+    """Alg. 1, lines 4-7: the loss of every micro-batch x training timestep of one iteration, accumulated into
+    AdamW steps of theta. Returns (the per-iteration means of the logged quantities, optimizer steps taken).
+
+    batch: x0 (N, C, H, W) latents; prompt_embeds (N, L, D), pooled (N, D'); negative_embeds (1, L, D),
+    negative_pooled (1, D') for the empty prompt; rewards_normalized r~ (N,) and rewards_kl (N,) in [0, 1];
+    sigmas (S,). Groups of K are contiguous. Every `passes_per_step` passes: gradients averaged over the
+    `world_size` ranks, clipped, one AdamW step. where: (iteration, optimizer steps so far), for error messages.
+    Raises FloatingPointError on a non-finite loss or gradient norm, naming the iteration and step.
+    """
+    x0, one_pass = batch["x0"], OBJECTIVES[cfg.objective]
+    timestep_index = draw_timesteps(len(x0), len(batch["sigmas"]), cfg, generator)  # (N, T)
+    logs, fits, grad_norms, passes, steps, skipped = [], [], [], 0, 0, 0
+    for start in range(0, len(x0), cfg.micro_batch_size):  # Alg. 1, line 4: whole prompt groups
+        mb = slice(start, start + cfg.micro_batch_size)
+        for j in range(cfg.train_timesteps):  # Alg. 1, line 5
+            sigma = batch["sigmas"][timestep_index[mb, j]].to(x0.device)  # (B,)
+            eps = draw_noise(x0[mb], cfg.group_size if cfg.group_noise else 1, generator)
+            x_sigma = interpolate(x0[mb], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
+            loss_reward, loss_kl, kl, r_hat = one_pass(transformer, x_sigma, sigma, eps - x0[mb], mb, batch, cfg,
+                                                       autocast)  # u = eps - x0, Eq. (2)
+            loss = loss_reward + loss_kl
+            passes += 1
+            if finite(loss, "loss", cfg, where[0], where[1] + steps):
+                (loss / passes_per_step).backward()  # Alg. 1, line 6: backward / n_accum
+                log, fit = pass_diagnostics(loss_reward, loss_kl, kl, r_hat, batch["rewards_normalized"][mb], cfg)
+                logs.append(log)
+                fits.append(fit)
+            else:
+                skipped += 1
+            if passes % passes_per_step == 0:  # Alg. 1, line 7
+                average_gradients(params["theta"], world_size)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params["theta"], cfg.max_grad_norm)
+                if finite(grad_norm, "gradient norm", cfg, where[0], where[1] + steps):
+                    optimizer.step()
+                    grad_norms.append(grad_norm.item())
+                else:
+                    skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+    return summarize(logs, fits, grad_norms, skipped), steps
+
+
+def move_snapshots(params, step, cfg):
+    """Alg. 1, line 8: old <- EMA(old, theta, eta_old(s)) and sampler <- EMA(sampler, theta, eta_samp(s)), Eq. (8);
+    --no-slow-reference / --no-decoupled-sampler make them copies of theta (eta 0). Returns the log entries, with
+    each snapshot's time constant 1 / (1 - eta) in iterations (about how far it lags behind theta)."""
+    eta_old = (ema_decay(step, cfg.old_decay_start, cfg.old_decay_rate, cfg.old_decay_max)
+               if cfg.slow_reference else 0.0)
+    eta_sampler = (ema_decay(step, 0.0, cfg.sampler_decay_rate, cfg.sampler_decay_max, cfg.sampler_decay_delay)
+                   if cfg.decoupled_sampler else 0.0)
+    ema_update(params["old"], params["theta"], eta_old)
+    ema_update(params["sampler"], params["theta"], eta_sampler)
+    return {"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": step,
+            "ema/tau_old": 1 / (1 - eta_old), "ema/tau_sampler": 1 / (1 - eta_sampler)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: Algorithm 1
+# ----------------------------------------------------------------------------------------------------------------
+def main(cfg, eval_only=False, lora=""):
+    """Run CRD and return the per-iteration metrics; with eval_only, score --model [+ lora] on the held-out
+    prompts and return `evaluate`'s dict. Raises InputError before any expensive work for a mistake in cfg."""
+    rank, world_size, local_rank = setup_distributed()
+    prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only, lora=lora)
+    device = pick_device(cfg.device, local_rank, world_size)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    run = RunDirectory(cfg, rank, world_size, device)
+    reward_fn, unseen = make_rewards(cfg, device, rank)
+    pipe = load_frozen_pipeline(cfg, device)
+    prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
+    held_out = functools.partial(evaluate, pipe, reward_fn, eval_prompts, cfg.height, cfg.width, cfg.eval_num_steps,
+                                 cfg.eval_guidance_scale, cfg.max_sequence_length, prompt_cache=prompt_cache,
+                                 unseen=unseen)  # theta, no CFG, the same noise at every evaluation
+    if eval_only:
+        return run.evaluate_only(pipe, held_out, lora)
+
+    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
+    params = add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # Alg. 1, line 0
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    state = run.start(params, optimizer)  # {"iteration", "step"}: 0, or where --resume's checkpoint stopped
+    sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range)
+    with torch.no_grad():
+        negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)  # CFG of Eq. (9)
+    first, passes_per_step = state["iteration"], cfg.sizes(world_size)[2]
+    for iteration in run.progress(first):  # Alg. 1, line 1
+        log, state["iteration"] = {"iteration": iteration}, iteration
+        if evaluation_due(iteration, first, cfg.eval_every):
+            run.evaluate(held_out, pipe.transformer, iteration, log)
+        draws, noise = iteration_generators(cfg.seed, iteration, rank)
+        with run.timed(log, "sample"):  # Alg. 1, line 2
+            chosen, seeds = draw_prompts(prompts, cfg, draws, rank, world_size)
+            x0, prompt_embeds, pooled, images = rollout(pipe, chosen, seeds, cfg, autocast, prompt_cache)
+        batch_prompts = [p for p in chosen for _ in range(cfg.group_size)]
+        with run.timed(log, "reward"):  # Alg. 1, line 3
+            targets, rewards, reward_log = score(reward_fn, images, batch_prompts, cfg, iteration, device, rank,
+                                                 world_size)
+            log.update(reward_log)
+        with run.timed(log, "train"):  # Alg. 1, lines 4-7
+            batch = {"x0": x0, "prompt_embeds": prompt_embeds, "pooled": pooled, "sigmas": sigmas,
+                     "negative_embeds": negative_embeds, "negative_pooled": negative_pooled, **targets}
+            update_log, steps = update(pipe.transformer, params, optimizer, batch, cfg, noise, autocast,
+                                       (iteration, state["step"]), passes_per_step, world_size)
+            log.update(update_log)
+            state["step"] += steps
+        log.update(move_snapshots(params, state["step"], cfg))  # Alg. 1, line 8
+        state["iteration"] = iteration + 1
+        if iteration + 1 == cfg.iterations:
+            run.evaluate(held_out, pipe.transformer, iteration + 1, log)
+        if run.end_iteration(log, state, params, optimizer, images, batch_prompts, rewards):
+            return run.metrics  # stopped by a signal, after writing a checkpoint
+    run.finish(pipe.transformer)
+    return run.metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing, not part of CRD: the run directory, evaluation, checkpoints, plots, distributed, signals, input checks
+# ----------------------------------------------------------------------------------------------------------------
+TIME_PARTS = ("sample", "reward", "train", "eval", "other")
+
+
+class RunDirectory:
+    """What a run writes under runs/<run_name>/ and prints, kept out of main(): metrics.jsonl (one line per
+    iteration), the samples_* and eval_* grids, checkpoint.pt, the LoRA, the curves, the console lines and the
+    optional live tracker (--log-to). Only rank 0 writes and prints."""
+
+    def __init__(self, cfg, rank, world_size, device):
+        from tqdm import tqdm
+
+        from reward import parse_reward_spec
+
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.dir = os.path.join(cfg.output_dir, cfg.run_name)
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        self.metrics, self.tracker, self.started = [], Tracker("", self.dir, cfg), 0.0
+        self.say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
+        os.makedirs(self.dir, exist_ok=True)
+        unseen = [name for name in cfg.eval_rewards.split(",") if name]
+        reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
+        uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in parse_reward_spec(cfg.reward)] + unseen)
+        self.say(f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
+                 f"evaluation: {', '.join(unseen) or 'none'}")
+
+    def start(self, params, optimizer):
+        """The counters {"iteration", "step"}: zeros, or those of --resume's checkpoint, whose LoRA weights and
+        optimizer state are loaded; metrics.jsonl keeps its lines before the checkpoint's iteration."""
+        cfg, state = self.cfg, {"iteration": 0, "step": 0}
+        n_local, passes, passes_per_step = cfg.sizes(self.world_size)
+        self.say(f"CRD on {self.world_size} x {self.device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} "
+                 f"samples = {cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per "
+                 f"process; {passes} passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per "
+                 f"process -> {cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated "
+                 f"passes")
+        resume = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
+        if resume:
+            state = load_checkpoint(resume, cfg, params, optimizer)
+            self.say(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
+            if os.path.isfile(self.metrics_path):  # keep the history up to the checkpoint, drop what came after
+                with open(self.metrics_path) as f:
+                    self.metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
+        if self.rank == 0:
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in self.metrics)
+            self.tracker = Tracker(cfg.log_to, self.dir, cfg)
+        return state
+
+    def progress(self, first):
+        """Iterations first .. cfg.iterations - 1 under a tqdm bar (rank 0), each one's start time noted."""
+        from tqdm import tqdm
+
+        for iteration in tqdm(range(first, self.cfg.iterations), desc="CRD", initial=first,
+                              total=self.cfg.iterations, disable=self.rank != 0):
+            self.started = time.time()
+            yield iteration
+
+    @contextlib.contextmanager
+    def timed(self, log, part):
+        """log["time/<part>"] = seconds spent in the with-block (one of TIME_PARTS)."""
+        t0 = time.time()
+        yield
+        log[f"time/{part}"] = time.time() - t0
+
+    def evaluate(self, held_out, transformer, iteration, log):
+        """Score theta on the held-out prompts (rank 0; `held_out` is `evaluate` with its arguments bound), save the
+        grid as eval_<iteration>.png and add the eval/* entries to `log`; every rank waits for it."""
+        if self.rank == 0:
+            use_adapter(transformer, "theta")
+            t0 = time.time()
+            result = held_out()
+            result["grid"].save(os.path.join(self.dir, f"eval_{iteration:04d}.png"))
+            self.tracker.log({}, iteration, images={"eval/grid": result["grid"]})
+            log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
+                        "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
+                        **{f"eval/{k}": v for k, v in result["unseen"].items() | result["per_image"].items()},
+                        **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
+                           for k, v in values.items()}, "time/eval": time.time() - t0})
+            self.say(f"iteration {iteration}: held-out {self.cfg.reward} reward {result['reward']:.4f} "
+                     f"(exact {result['exact']:.3f}, {result['n']} prompts)"
+                     + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
+        barrier(self.world_size)
+
+    def evaluate_only(self, pipe, held_out, lora=""):
+        """--eval: score the base model, or it with a saved LoRA, on the held-out prompts; write eval_grid.png and
+        eval.json, print the scores (per GenEval tag when the prompts carry one). Returns `evaluate`'s dict."""
+        cfg = self.cfg
+        if lora:
+            pipe.load_lora_weights(lora)
+        result = held_out()
+        result["grid"].save(os.path.join(self.dir, "eval_grid.png"))
+        with open(os.path.join(self.dir, "eval.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
+                "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
+        self.say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
+                 f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
+                 + "".join(f", {k} {v:.4f}" for k, v in result["per_image"].items())
+                 + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
+                 + f"; grid in {self.dir}/eval_grid.png")
+        for tag, values in result["per_tag"].items():  # GenEval: one line per tag, then the mean over tags
+            self.say(f"  {tag:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if result["tag_mean"]:
+            self.say(f"  {'mean of tags':14s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["tag_mean"].items()))
+        return result
+
+    def end_iteration(self, log, state, params, optimizer, images, prompts, rewards):
+        """After an iteration (rank 0): a grid of its rollouts every --sample-every, checkpoint.pt every
+        --checkpoint-every, at the end and when a stop was requested; its line of metrics.jsonl, the tracker and the
+        console. Returns True if a SIGINT / SIGTERM asked the run to stop (the checkpoint is then written)."""
+        cfg, iteration, stopping = self.cfg, log["iteration"], bool(STOP_REQUESTED)  # read once: stop => checkpoint
+        if self.rank == 0:
+            if iteration % cfg.sample_every == 0:
+                captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
+                image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
+                    os.path.join(self.dir, f"samples_{iteration:04d}.png"))
+            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or stopping:
+                save_checkpoint(self.checkpoint_path, cfg, params, optimizer, state)
+            log["time/iteration"] = time.time() - self.started
+            log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in TIME_PARTS[:-1])
+            self.metrics.append(log)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            self.tracker.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, iteration)
+            self.say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
+                     f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
+                     f"r^ std {log.get('implicit_reward/std', math.nan):.4f} "
+                     f"corr {log.get('crd/corr', math.nan):+.3f} expl {log.get('crd/explained', math.nan):+.3f} | "
+                     f"eta old {log['ema/eta_old']:.3f} samp {log['ema/eta_sampler']:.3f} | "
+                     f"{log['time/iteration']:.1f}s")
+        if stopping:
+            self.say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
+                     f"plus --resume auto")
+            self.tracker.close()
+        return stopping
+
+    def finish(self, transformer):
+        """After the last iteration (rank 0): save theta's LoRA, the reward curve and the diagnostics, print the
+        time split."""
+        if self.rank == 0:
+            save_lora(transformer, os.path.join(self.dir, "lora"))
+            plot_rewards(self.metrics, os.path.join(self.dir, "reward_curve.png"))
+            plot_diagnostics(self.metrics, os.path.join(self.dir, "diagnostics.png"))
+            totals = {k: sum(m.get(f"time/{k}", 0.0) for m in self.metrics) for k in TIME_PARTS}
+            self.say("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}"
+                                                for k, v in totals.items())
+                     + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {self.cfg.reward}, "
+                     "train = forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
+            self.say(f"done: LoRA in {self.dir}/lora, curve in {self.dir}/reward_curve.png, metrics in "
+                     f"{self.metrics_path}")
+        self.tracker.close()
+
+
+def evaluation_due(iteration, first, eval_every):
+    """A held-out evaluation before this iteration? Before the first iteration of a fresh run, then every
+    eval_every iterations (0: never in between); a resumed run does not repeat the one at the iteration it starts
+    from. main() also evaluates after the last iteration."""
+    return iteration == first == 0 or bool(eval_every and iteration % eval_every == 0 and iteration != first)
+
+
+def make_rewards(cfg, device, rank=0):
+    """(the trained reward's function, {name: function} of the unseen metrics, built on rank 0 only), from
+    reward.make_reward with --reward-options."""
+    from reward import make_reward, parse_reward_options
+
+    options = parse_reward_options(cfg.reward_options)
+    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection, options)
+    return reward_fn, {name: make_reward(name, device, cfg.ocr_detection, options)
+                       for name in cfg.eval_rewards.split(",") if name and rank == 0}
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
 def caption(prompt, length=12):
     """The first `length` characters of a prompt's text (a JSON metadata line gives its "prompt")."""
     from reward import prompt_text
@@ -680,178 +1165,7 @@ def evaluate(pipe, reward_fn, prompts, height, width, num_steps, guidance_scale=
             "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
 
 
-def read_prompts(path):
-    """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
-    if not path:
-        raise InputError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
-                         "prompts of the paper are not shipped, and data/ocr_test.txt is for evaluation only)")
-    if not os.path.isfile(path):
-        raise InputError(f"prompt file {path!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError as error:
-        raise InputError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
-    if not prompts:
-        raise InputError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
-    return prompts
-
-
-ADAPTERS = ("theta", "old", "sampler")  # trained policy, implicit-reward reference, rollout policy
-
-
-def add_lora_adapters(transformer, rank, alpha, targets):
-    """Freeze the transformer and give it three LoRA adapters (peft) with identical initial weights.
-
-    Returns {adapter name: list of its LoRA parameters}, the lists aligned element by element, so that
-    `ema_update(params["old"], params["theta"], eta)` implements Eq. (8). Adapters off = the pretrained model.
-    """
-    from peft import LoraConfig
-
-    transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets.split(","))
-    for name in ADAPTERS:
-        transformer.add_adapter(config, adapter_name=name)
-    params = {name: [p for n, p in transformer.named_parameters() if f".{name}." in n] for name in ADAPTERS}
-    for p in params["theta"] + params["old"] + params["sampler"]:  # fp32 LoRA weights on a bf16 base model
-        p.data = p.data.float()
-    for name in ("old", "sampler"):  # Alg. 1, line 0: theta_old <- theta; theta_samp <- theta
-        ema_update(params[name], params["theta"], 0.0)
-    use_adapter(transformer, "theta")
-    return params
-
-
-def use_adapter(transformer, name):
-    """Route the transformer through LoRA adapter `name`, or through none (the pretrained model) if None.
-
-    NOTE: peft's set_adapter makes the active adapter trainable and the others frozen, so the trained adapter must
-    be selected last before its forward pass, as `velocity` does.
-    """
-    if name is None:
-        transformer.disable_adapters()
-    else:
-        transformer.enable_adapters()
-        transformer.set_adapter(name)
-
-
-def velocity(transformer, adapter, x_sigma, sigma, prompt_embeds, pooled_prompt_embeds):
-    """v(x_sigma, t, c) of adapter `adapter` (None = pretrained). x_sigma (B, C, H, W), sigma (B,) -> (B, C, H, W)."""
-    use_adapter(transformer, adapter)
-    return transformer(hidden_states=x_sigma, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds,
-                       pooled_projections=pooled_prompt_embeds, return_dict=False)[0]
-
-
-def training_sigmas(scheduler, num_steps, timestep_range):
-    """The sampler's sigma schedule without its near-clean tail: the first floor(range * steps) values, (S,)."""
-    scheduler.set_timesteps(num_steps)
-    return scheduler.sigmas[: int(timestep_range * num_steps)].float().cpu().clone()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One CRD update: all micro-batches x training timesteps of an iteration (Alg. 1, lines 4-7)
-# ----------------------------------------------------------------------------------------------------------------
-NFT_KL_WEIGHT = 1e-4  # Eq. (A2)
-
-
-def update(transformer, params, optimizer, batch, cfg, generator, autocast, state, passes_per_step, world_size=1):
-    """CRD update on one iteration's samples. Returns per-iteration means of the logged quantities.
-
-    batch: x0 (N, C, H, W) latents; prompt_embeds (N, L, D), pooled (N, D'); negative_embeds (1, L, D),
-    negative_pooled (1, D') for the empty prompt; rewards_normalized r~ (N,) and rewards_kl (N,) in [0, 1];
-    sigmas (S,). Groups of K are contiguous. Every `passes_per_step` passes: gradients averaged over the
-    `world_size` ranks, clipped, one AdamW step, state["step"] += 1.
-    Raises FloatingPointError on a non-finite loss or gradient norm, naming the iteration and step.
-    """
-    x0, sigmas = batch["x0"], batch["sigmas"]
-    n_samples, n_timesteps = len(x0), cfg.train_timesteps
-    reference = "sampler" if cfg.objective == "nft" else "old"  # NFT's only snapshot is its sampler
-    # each sample trains on T distinct steps of the sampler's schedule, drawn without replacement; with
-    # shared_timesteps every sample of a micro-batch gets the same T steps, so a group's r^ share one noise level
-    n_draws = n_samples // cfg.micro_batch_size if cfg.shared_timesteps else n_samples
-    timestep_index = torch.stack([torch.randperm(len(sigmas), generator=generator)[:n_timesteps]
-                                  for _ in range(n_draws)])
-    timestep_index = timestep_index.repeat_interleave(n_samples // n_draws, dim=0)  # (N, T)
-    logs, grad_norms, passes, skipped, fit_error, target_power = [], [], 0, 0, 0.0, 0.0
-    for start in range(0, n_samples, cfg.micro_batch_size):  # Alg. 1, line 4: whole prompt groups
-        mb = slice(start, start + cfg.micro_batch_size)
-        embeds, pooled = batch["prompt_embeds"][mb], batch["pooled"][mb]
-        size = len(embeds)
-        for j in range(n_timesteps):  # Alg. 1, line 5
-            sigma = sigmas[timestep_index[mb, j]].to(x0.device)  # (B,)
-            if cfg.group_noise:  # one eps per prompt group, repeated for its K samples
-                eps = torch.randn((size // cfg.group_size, *x0.shape[1:]), generator=generator)
-                eps = eps.repeat_interleave(cfg.group_size, dim=0).to(x0.device)
-            else:
-                eps = torch.randn(x0[mb].shape, generator=generator).to(x0.device)
-            x_sigma = interpolate(x0[mb], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
-            u = eps - x0[mb]  # Eq. (2)
-            with autocast, torch.no_grad():
-                v_old = velocity(transformer, reference, x_sigma, sigma, embeds, pooled)
-                if cfg.objective == "nft":  # A2's KL needs only the conditional pretrained velocity
-                    v_pre_cond = v_pre_uncond = velocity(transformer, None, x_sigma, sigma, embeds, pooled)
-                else:
-                    v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
-                                     torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
-                                     torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
-                    v_pre_cond, v_pre_uncond = v_pre.chunk(2)
-            with autocast:
-                v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
-            r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
-            if cfg.objective == "nft":  # the baseline, Eqs. (A1)-(A2): KL to the pretrained model without CFG
-                loss_reward = nft_loss(v_theta, v_old, x_sigma, x0[mb], sigma, batch["rewards_normalized"][mb],
-                                       cfg.nft_beta)
-                kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, 1.0)
-                loss_kl = NFT_KL_WEIGHT * kl.mean()
-            else:
-                loss_reward = (crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta,
-                                        cfg.centering, cfg.loss_type) if cfg.objective == "crd"  # Eq. (7)
-                               else torch.zeros((), device=x0.device))  # 'anchor': reward-free control, KL only
-                kl = cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, cfg.kl_cfg)  # Eq. (9)
-                weights = kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl)  # Eq. (10)
-                loss_kl = (weights * kl).mean()
-            loss = loss_reward + loss_kl
-            passes += 1
-            if torch.isfinite(loss):
-                (loss / passes_per_step).backward()  # Alg. 1, line 6
-                # is the regression of Eq. (7) learning? R^ vs R inside each group, and the part of R it explains
-                target = group_center(batch["rewards_normalized"][mb].float(), cfg.group_size, cfg.centering)
-                predicted = cfg.beta * group_center(r_hat.detach(), cfg.group_size, cfg.centering)
-                fit_error += float(((predicted - target) ** 2).sum())
-                target_power += float((target ** 2).sum())
-                logs.append({f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(),
-                             "kl/anchor": kl.mean().item(),
-                             "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item(),
-                             "crd/corr": within_group_correlation(r_hat, batch["rewards_normalized"][mb],
-                                                                  cfg.group_size),
-                             "crd/R_hat_std": predicted.std().item(), "crd/R_std": target.std().item()})
-            elif cfg.skip_nonfinite:
-                skipped += 1
-            else:
-                raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {state['iteration']}, "
-                                         f"optimizer step {state['step']}")
-            if passes % passes_per_step == 0:  # Alg. 1, line 7
-                average_gradients(params["theta"], world_size)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params["theta"], cfg.max_grad_norm)
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                    grad_norms.append(grad_norm.item())
-                elif cfg.skip_nonfinite:
-                    skipped += 1
-                else:
-                    raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at iteration "
-                                             f"{state['iteration']}, optimizer step {state['step']}")
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-    finite = {key: [l[key] for l in logs if not math.isnan(l[key])] for key in (logs[0] if logs else {})}
-    means = {key: float(np.mean(values)) if values else math.nan for key, values in finite.items()}
-    explained = 1 - fit_error / target_power if target_power > 0 else math.nan  # <= 0: Eq. (7) fits nothing
-    return means | {"train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
-                    "train/skipped": skipped, "crd/explained": explained}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints, outputs
-# ----------------------------------------------------------------------------------------------------------------
+# -- checkpoints -------------------------------------------------------------------------------------------------
 RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "eval_start", "eval_rewards", "sample_every",
                      "checkpoint_every", "device", "output_dir"}  # fields a resumed run may change; others refused
 
@@ -902,6 +1216,7 @@ def save_lora(transformer, directory):
                                                transformer_lora_adapter_metadata=metadata)
 
 
+# -- curves and live logging -------------------------------------------------------------------------------------
 def plot_rewards(metrics, path):
     """Reward curve: training reward per iteration and held-out evaluation reward, saved as PNG."""
     import matplotlib
@@ -995,77 +1310,7 @@ class Tracker:
             self.writer.finish() if self.kind == "wandb" else self.writer.close()
 
 
-STOP_REQUESTED = []  # filled by the SIGINT / SIGTERM handler; main() checks it after each iteration
-
-
-def install_stop_handlers():
-    """Ctrl-C / SIGTERM: let the current iteration finish, write a checkpoint, exit; a second signal stops at once."""
-    def request_stop(signum, frame):
-        if STOP_REQUESTED:
-            raise KeyboardInterrupt
-        STOP_REQUESTED.append(signal.Signals(signum).name)
-        print(f"\n{STOP_REQUESTED[0]}: stopping after this iteration (send it again to stop now)", flush=True)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
-
-
-def pick_device(name):
-    """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def check_inputs(cfg, world_size=1, training=True, lora=""):
-    """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
-
-    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
-    """
-    import reward
-
-    cfg.validate(world_size)
-    check_model(cfg.model)
-    unseen = [name for name in cfg.eval_rewards.split(",") if name]
-    for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
-        try:
-            reward.parse_reward_spec(spec)
-        except ValueError as error:
-            raise InputError(f"{flag} {spec!r}: {error}") from None
-    try:
-        reward.parse_reward_options(cfg.reward_options)
-    except ValueError as error:
-        raise InputError(f"--reward-options: {error}") from None
-    if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
-        raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
-    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
-        raise InputError(f"--lora {lora!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
-                         f"wrote (runs/NAME/lora)")
-    resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
-    if training and resume and not os.path.isfile(resume):
-        raise InputError(f"--resume {resume!r}: no such checkpoint")
-    prompts = read_prompts(cfg.prompts) if training else []
-    eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
-    if not eval_prompts:
-        raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
-    for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
-                                      (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
-        for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
-            try:
-                reward.check_prompts(spec, items, start)
-            except ValueError as error:
-                raise InputError(f"{path}: {error}") from None
-    if training and len(prompts) < cfg.prompts_per_iteration:
-        raise InputError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
-                         f"{cfg.prompts_per_iteration}")
-    return prompts, eval_prompts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed (torchrun): whole prompt groups per rank, rewards gathered before Eq. (6), gradients averaged
-# ----------------------------------------------------------------------------------------------------------------
+# -- distributed (torchrun): whole prompt groups per rank, rewards gathered before Eq. (6), gradients averaged ---
 def setup_distributed():
     """(rank, world_size, local_rank) from torchrun's environment; a plain `python crd.py` is rank 0 of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -1114,231 +1359,108 @@ def barrier(world_size):
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main: Algorithm 1
-# ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def rollout(pipe, prompts, seeds, cfg, autocast, prompt_cache=None):
-    """Alg. 1, line 2: K samples for each prompt from the sampler snapshot (theta if not decoupled), no CFG.
+# -- signals -----------------------------------------------------------------------------------------------------
+STOP_REQUESTED = []  # filled by the SIGINT / SIGTERM handler; main() checks it after each iteration
 
-    prompts: P' prompts; seeds: P' * K ints. Returns x0 (P'K, C, H, W), prompt_embeds (P'K, L, D), pooled
-    (P'K, D') and P'K PIL images; the K samples of a prompt are contiguous.
+
+def install_stop_handlers():
+    """Ctrl-C / SIGTERM: let the current iteration finish, write a checkpoint, exit; a second signal stops at once."""
+    def request_stop(signum, frame):
+        if STOP_REQUESTED:
+            raise KeyboardInterrupt
+        STOP_REQUESTED.append(signal.Signals(signum).name)
+        print(f"\n{STOP_REQUESTED[0]}: stopping after this iteration (send it again to stop now)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+
+
+# -- input checks: everything checked before loading a model -----------------------------------------------------
+def pick_device(name, local_rank=0, world_size=1):
+    """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device. Under torchrun
+    on GPUs each process takes cuda:<local_rank>."""
+    if name != "auto":
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and world_size > 1 else device
+
+
+def read_prompts(path):
+    """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
+    if not path:
+        raise InputError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
+                         "prompts of the paper are not shipped, and data/ocr_test.txt is for evaluation only)")
+    if not os.path.isfile(path):
+        raise InputError(f"prompt file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise InputError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    if not prompts:
+        raise InputError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
+    return prompts
+
+
+def check_model(model):
+    """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline."""
+    looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
+    if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
+        if os.path.abspath(model) == SHAPES_MODEL:
+            raise InputError(f"the shapes model {model} is not shipped yet: make it with `python "
+                             f"tools/pretrain_tiny.py --world shapes` (~1 h on 2 cores), or pass --model")
+        raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
+                         f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
+
+
+def check_inputs(cfg, world_size=1, training=True, lora=""):
+    """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
+
+    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
     """
-    prompt_embeds, pooled = encode_prompts(pipe, prompts, cfg.max_sequence_length, prompt_cache)
-    prompt_embeds = prompt_embeds.repeat_interleave(cfg.group_size, dim=0)
-    pooled = pooled.repeat_interleave(cfg.group_size, dim=0)
-    use_adapter(pipe.transformer, "sampler" if cfg.decoupled_sampler else "theta")
-    chunks = []
-    for start in range(0, len(seeds), cfg.sample_batch_size):
-        part = slice(start, start + cfg.sample_batch_size)
-        with autocast:
-            chunks.append(sample_latents(pipe, prompt_embeds[part], pooled[part], seeds[part], cfg.height, cfg.width,
-                                         cfg.num_steps, cfg.guidance_scale, cfg.max_sequence_length))
-    x0 = torch.cat(chunks)
-    return x0.float(), prompt_embeds, pooled, decode_latents(pipe, x0)
+    import reward
 
-
-def main(cfg, eval_only=False, lora=""):
-    """Run CRD and return the per-iteration metrics; with eval_only, score --model [+ lora] and return that dict."""
-    from tqdm import tqdm
-
-    from reward import make_reward, parse_reward_options, parse_reward_spec
-
-    rank, world_size, local_rank = setup_distributed()
-    prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only, lora=lora)
-    run_dir = os.path.join(cfg.output_dir, cfg.run_name)
-    resume = os.path.join(run_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
-    os.makedirs(run_dir, exist_ok=True)
-    device = pick_device(cfg.device)
-    device = torch.device("cuda", local_rank) if device.type == "cuda" and world_size > 1 else device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
-    n_local, passes, passes_per_step = cfg.sizes(world_size)
-    prompts_local = cfg.prompts_per_iteration // world_size
-    if not eval_only:
-        say(f"CRD on {world_size} x {device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} samples = "
-            f"{cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per process; {passes} "
-            f"passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per process -> "
-            f"{cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated passes")
-    unseen_names = [name for name in cfg.eval_rewards.split(",") if name]
-    reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
-    uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in parse_reward_spec(cfg.reward)] + unseen_names)
-    say(f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
-        f"evaluation: {', '.join(unseen_names) or 'none'}")
-
-    options = parse_reward_options(cfg.reward_options)
-    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection, options)
-    unseen = {name: make_reward(name, device, cfg.ocr_detection, options) for name in unseen_names if rank == 0}
-    pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
-            module.requires_grad_(False)
-            if cfg.text_encoders_on_cpu and module is not pipe.vae:
-                module.to("cpu")
-    prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
-    eval_kwargs = dict(height=cfg.height, width=cfg.width, num_steps=cfg.eval_num_steps,
-                       guidance_scale=cfg.eval_guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                       prompt_cache=prompt_cache, unseen=unseen)
-    if eval_only:  # score the base model, or a saved LoRA, on the held-out prompts
-        if lora:
-            pipe.load_lora_weights(lora)
-        result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
-        result["grid"].save(os.path.join(run_dir, "eval_grid.png"))
-        with open(os.path.join(run_dir, "eval.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
-                "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
-        say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
-            f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
-            + "".join(f", {k} {v:.4f}" for k, v in result["per_image"].items())
-            + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
-            + f"; grid in {run_dir}/eval_grid.png")
-        for tag, values in result["per_tag"].items():  # GenEval: one line per tag, then the mean over tags
-            say(f"  {tag:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        if result["tag_mean"]:
-            say(f"  {'mean of tags':14s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["tag_mean"].items()))
-        return result
-
-    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
-    params = add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    if cfg.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    state, metrics = {"iteration": 0, "step": 0}, []
-    metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
-    if resume:
-        state = load_checkpoint(resume, cfg, params, optimizer)
-        say(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
-        if os.path.isfile(metrics_path):  # keep the history up to the checkpoint, drop what came after
-            with open(metrics_path) as f:
-                metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
-    if rank == 0:
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
-    sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range)
-    tracker = Tracker(cfg.log_to if rank == 0 else "", run_dir, cfg)
-    with torch.no_grad():
-        negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)
-
-    def run_eval(iteration, log):  # held-out reward of theta, no CFG; rank 0 only
-        if rank == 0:
-            use_adapter(pipe.transformer, "theta")
-            t0 = time.time()
-            result = evaluate(pipe, reward_fn, eval_prompts, **eval_kwargs)
-            result["grid"].save(os.path.join(run_dir, f"eval_{iteration:04d}.png"))
-            tracker.log({}, iteration, images={"eval/grid": result["grid"]})
-            log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
-                        "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
-                        **{f"eval/{k}": v for k, v in result["unseen"].items() | result["per_image"].items()},
-                        **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
-                           for k, v in values.items()}, "time/eval": time.time() - t0})
-            say(f"iteration {iteration}: held-out {cfg.reward} reward {result['reward']:.4f} "
-                f"(exact {result['exact']:.3f}, {result['n']} prompts)"
-                + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
-        barrier(world_size)
-
-    first = state["iteration"]
-    for iteration in tqdm(range(first, cfg.iterations), desc="CRD", initial=first, total=cfg.iterations,
-                          disable=rank != 0):
-        t_start, log = time.time(), {"iteration": iteration}
-        state["iteration"] = iteration
-        if iteration == first == 0 or (cfg.eval_every and iteration % cfg.eval_every == 0 and iteration != first):
-            run_eval(iteration, log)
-        # every draw of iteration i is seeded by (seed, i): a resumed run repeats it exactly
-        draws = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)  # the same on every rank
-        noise = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration) * 1009 + rank)  # per rank
-
-        # Alg. 1, line 2: P prompts x K samples; rank r takes prompts [r P/W, (r+1) P/W): whole groups
-        t0 = time.time()
-        chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=draws)[: cfg.prompts_per_iteration]]
-        seeds = torch.randint(2**31 - 1, (len(chosen) * cfg.group_size,), generator=draws).tolist()
-        mine = slice(rank * prompts_local, (rank + 1) * prompts_local)
-        chosen, seeds = chosen[mine], seeds[mine.start * cfg.group_size: mine.stop * cfg.group_size]
-        batch_prompts = [p for p in chosen for _ in range(cfg.group_size)]
-        x0, prompt_embeds, pooled, images = rollout(pipe, chosen, seeds, cfg, autocast, prompt_cache)
-        log["time/sample"] = time.time() - t0
-
-        # Alg. 1, line 3: rewards, gathered from all ranks, normalised within groups (Eq. 6)
-        t0 = time.time()
-        rewards_local, info = reward_fn(images, batch_prompts)
-        rewards = all_gather(rewards_local.to(device), world_size)  # (P*K,), rank order = prompt order
-        if not torch.isfinite(rewards).all():
-            raise FloatingPointError(f"non-finite reward at iteration {iteration}: {rewards.tolist()}")
-        rewards_normalized = normalize_rewards(rewards.view(-1, cfg.group_size)).flatten()
-        log.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                    "reward/group_std": rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
-                    **{f"reward/{k}": float(v.float().mean()) if torch.is_tensor(v) else v for k, v in info.items()},
-                    "time/reward": time.time() - t0})
-
-        # Alg. 1, lines 4-7: CRD + KL loss, gradient accumulation, optimizer steps
-        t0 = time.time()
-        local = slice(rank * n_local, (rank + 1) * n_local)
-        batch = {"x0": x0, "prompt_embeds": prompt_embeds, "pooled": pooled, "sigmas": sigmas,
-                 "negative_embeds": negative_embeds, "negative_pooled": negative_pooled,
-                 "rewards_normalized": rewards_normalized[local],
-                 "rewards_kl": (rewards_normalized if cfg.kl_reward == "normalized" else rewards)[local]}
+    cfg.validate(world_size)
+    check_model(cfg.model)
+    unseen = [name for name in cfg.eval_rewards.split(",") if name]
+    for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
         try:
-            log.update(update(pipe.transformer, params, optimizer, batch, cfg, noise, autocast, state,
-                              passes_per_step, world_size))
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{error}; the last good state is {checkpoint_path} (resume with --resume auto, "
-                                     f"add --skip-nonfinite to skip such passes)") from None
-        log["time/train"] = time.time() - t0
-
-        # Alg. 1, line 8: move the slow reference and the sampler toward theta (Eq. 8)
-        eta_old = (ema_decay(state["step"], cfg.old_decay_start, cfg.old_decay_rate, cfg.old_decay_max)
-                   if cfg.slow_reference else 0.0)  # off: old = theta (hard copy)
-        eta_sampler = (ema_decay(state["step"], 0.0, cfg.sampler_decay_rate, cfg.sampler_decay_max,
-                                 cfg.sampler_decay_delay) if cfg.decoupled_sampler else 0.0)
-        ema_update(params["old"], params["theta"], eta_old)
-        ema_update(params["sampler"], params["theta"], eta_sampler)
-        log.update({"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": state["step"],
-                    # time constants in iterations: a snapshot follows theta with a lag of about 1 / (1 - eta)
-                    "ema/tau_old": 1 / (1 - eta_old), "ema/tau_sampler": 1 / (1 - eta_sampler)})
-
-        state["iteration"] = iteration + 1
-        if iteration + 1 == cfg.iterations:
-            run_eval(iteration + 1, log)
-        stopping = bool(STOP_REQUESTED)  # read once: a stop always comes with a checkpoint
-        if rank == 0:
-            if iteration % cfg.sample_every == 0:
-                captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(batch_prompts, rewards_local.tolist())]
-                image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
-                    os.path.join(run_dir, f"samples_{iteration:04d}.png"))
-            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or stopping:
-                save_checkpoint(checkpoint_path, cfg, params, optimizer, state)
-            log["time/iteration"] = time.time() - t_start
-            log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in TIME_PARTS[:-1])
-            metrics.append(log)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(log) + "\n")
-            tracker.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, iteration)
-            say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
-                f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
-                f"r^ std {log.get('implicit_reward/std', math.nan):.4f} corr {log.get('crd/corr', math.nan):+.3f} "
-                f"expl {log.get('crd/explained', math.nan):+.3f} | eta old {eta_old:.3f} samp "
-                f"{eta_sampler:.3f} | {log['time/iteration']:.1f}s")
-        if stopping:
-            say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
-                f"plus --resume auto")
-            tracker.close()
-            return metrics
-
-    if rank == 0:
-        save_lora(pipe.transformer, os.path.join(run_dir, "lora"))
-        plot_rewards(metrics, os.path.join(run_dir, "reward_curve.png"))
-        plot_diagnostics(metrics, os.path.join(run_dir, "diagnostics.png"))
-        totals = {k: sum(m.get(f"time/{k}", 0.0) for m in metrics) for k in TIME_PARTS}
-        say("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}" for k, v in totals.items())
-            + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {cfg.reward}, train = "
-            "forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
-        say(f"done: LoRA in {run_dir}/lora, curve in {run_dir}/reward_curve.png, metrics in {metrics_path}")
-    tracker.close()
-    return metrics
+            reward.parse_reward_spec(spec)
+        except ValueError as error:
+            raise InputError(f"{flag} {spec!r}: {error}") from None
+    try:
+        reward.parse_reward_options(cfg.reward_options)
+    except ValueError as error:
+        raise InputError(f"--reward-options: {error}") from None
+    if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
+        raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
+    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+        raise InputError(f"--lora {lora!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
+                         f"wrote (runs/NAME/lora)")
+    resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+    if training and resume and not os.path.isfile(resume):
+        raise InputError(f"--resume {resume!r}: no such checkpoint")
+    prompts = read_prompts(cfg.prompts) if training else []
+    eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
+    if not eval_prompts:
+        raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
+    for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
+                                      (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
+        for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
+            try:
+                reward.check_prompts(spec, items, start)
+            except ValueError as error:
+                raise InputError(f"{path}: {error}") from None
+    if training and len(prompts) < cfg.prompts_per_iteration:
+        raise InputError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
+                         f"{cfg.prompts_per_iteration}")
+    return prompts, eval_prompts
 
 
-TIME_PARTS = ("sample", "reward", "train", "eval", "other")
-
+# -- command line ------------------------------------------------------------------------------------------------
 def quiet_known_warnings():
     """Silence, at their source, the library messages a user cannot act on (a run still prints tqdm and one line per
     iteration); --verbose keeps them."""
@@ -1367,6 +1489,9 @@ def cli(argv=None):
     except (InputError, FloatingPointError) as error:
         if args.debug or os.environ.get("CRD_DEBUG"):
             raise
+        if isinstance(error, FloatingPointError):  # a diverged run: say where its last good state is
+            error = (f"{error}; the last good state is {os.path.join(config.output_dir, config.run_name)}/"
+                     f"checkpoint.pt (resume with --resume auto, add --skip-nonfinite to skip such passes)")
         print(f"crd.py: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -234,7 +234,7 @@ def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch
              "negative_embeds": torch.zeros(1, 1, 1), "negative_pooled": torch.zeros(1, 1),
              "rewards_normalized": torch.rand(8), "rewards_kl": torch.rand(8), "sigmas": torch.linspace(1, 0.1, 9)}
     crd.update(None, {"theta": [weight]}, torch.optim.SGD([weight], lr=0.0), batch, cfg,
-               torch.Generator().manual_seed(0), contextlib.nullcontext(), {"iteration": 0, "step": 0}, 2)
+               torch.Generator().manual_seed(0), contextlib.nullcontext(), (0, 0), 2)
     assert len(seen) == 4  # 2 micro-batches x 2 timesteps
     for index, (x_sigma, sigma) in enumerate(seen):
         start = (index // 2) * 4
@@ -561,8 +561,11 @@ def test_prompt_cache_serves_single_prompt_encodings_and_drops_the_least_recent(
     for i, prompt in enumerate(prompts):
         alone, alone_pooled = crd.encode_prompts(pipe, [prompt], 2)
         assert torch.equal(embeds[i], alone[0]) and torch.equal(pooled[i], alone_pooled[0])
-    crd.encode_prompts(pipe, ['"new"'], 2, cache)
-    assert list(cache.store) == ['"abc"', '"new"']  # '"xyz"' was the least recently used
+    assert cache.encode_one.cache_info()[:2] == (1, 2)  # hits, misses: '"abc"' was encoded once
+    crd.encode_prompts(pipe, ['"new"', '"abc"'], 2, cache)  # '"new"' drops '"xyz"', the least recently used
+    assert cache.encode_one.cache_info()[:2] == (2, 3)
+    crd.encode_prompts(pipe, ['"xyz"'], 2, cache)
+    assert cache.encode_one.cache_info()[:2] == (2, 4)  # '"xyz"' had been dropped: encoded again
 
 
 def lora_moved(tensors):
