@@ -79,7 +79,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
 TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
-SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model (not shipped yet)
+SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # attention projections
 
 
@@ -262,7 +262,7 @@ def tiny_ocr():
 
 def tiny_geneval():
     """GenEval on the CPU: CRD on a tiny SD3 shapes model (64x64 scenes of flat shapes, assets/tiny-sd3-shapes, made
-    by tools/pretrain_tiny.py --world shapes; not shipped yet) with GenEval's rules on the shapes world's detector
+    by tools/pretrain_tiny.py --world shapes) with GenEval's rules on the shapes world's detector
     (reward geneval_shapes, prompts data/tiny_geneval from tools/shapes_world.py)."""
     return dataclasses.replace(
         Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64,
@@ -1410,8 +1410,8 @@ def check_model(model):
     looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
     if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
         if os.path.abspath(model) == SHAPES_MODEL:
-            raise InputError(f"the shapes model {model} is not shipped yet: make it with `python "
-                             f"tools/pretrain_tiny.py --world shapes` (~1 h on 2 cores), or pass --model")
+            raise InputError(f"the shapes model {model} is missing: make it with `python "
+                             f"tools/pretrain_tiny.py --world shapes` (~30 min on 2 cores), or pass --model")
         raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
                          f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
 

@@ -1888,7 +1888,7 @@ def test_sd35m_geneval_code_path_runs_one_iteration_with_json_lines_prompts(tmp_
         np.mean([t["geneval/correct"] for t in result["per_tag"].values()]))
 
 
-def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path):
+def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path, monkeypatch):
     """`python crd.py --preset tiny_geneval`, shrunk to 2 iterations, on an untrained pipeline of the shapes
     model's architecture (tools/pretrain_tiny.build_pipeline at 64x64, word-level tokenizer): GenEval prompts of
     the shapes world, the shapes detector's reward, per-tag held-out accuracy and the partial credit logged.
@@ -1901,9 +1901,11 @@ def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path):
     ids = pipe.tokenizer("a photo of a blue cross and a red square").input_ids
     assert len(ids) == 12 and pipe.tokenizer.unk_token_id not in ids  # <bos>, one token per word, <eos>
     pipe.save_pretrained(str(model))
-    if not os.path.isdir(crd.SHAPES_MODEL):
-        with pytest.raises(crd.InputError, match="pretrain_tiny.py --world shapes"):
-            crd.check_model(crd.tiny_geneval().model)
+    crd.check_model(crd.tiny_geneval().model)  # the shipped model is a pipeline folder
+    missing = str(tmp_path / "tiny-sd3-shapes")  # without it, the preset says how to make it
+    monkeypatch.setattr(crd, "SHAPES_MODEL", missing)
+    with pytest.raises(crd.InputError, match="pretrain_tiny.py --world shapes"):
+        crd.check_model(missing)
     cfg = dataclasses.replace(crd.tiny_geneval(), model=str(model), output_dir=str(tmp_path), iterations=2,
                               prompts_per_iteration=2, group_size=4, micro_batch_size=8, lora_rank=4, lora_alpha=8,
                               optimizer_steps_per_iteration=1, eval_count=12, eval_start=38, num_steps=4,

@@ -26,7 +26,9 @@ sys.path.insert(0, ROOT)
 from reward import SHAPE_BACKGROUND, SHAPE_PALETTE, SHAPES, geneval_relations  # noqa: E402
 
 SIZE = 64                # image side, pixels
-SHAPE_SIZES = (12, 20)   # side of a shape's box, pixels (inclusive range)
+GRID = 2                 # shapes stand in the cells of a GRID x GRID grid, at most one per cell
+SHAPE_SIZES = (20, 26)   # side of a shape's box, pixels (inclusive range)
+JITTER = 1               # a box's centre lies within this many pixels of its cell's centre
 GAP = 3                  # at least this many pixels between two shapes' boxes
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -97,24 +99,29 @@ def make_prompt_lists(seed=0):
 
 
 def scene_for(metadata, rng, tries=1000):
-    """A layout satisfying `metadata`: a list of (shape, colour, (x0, y0, x1, y1)) boxes in pixels, no two boxes
-    closer than GAP, inside the image; colours the prompt does not name are drawn at random; a "position" clause's
-    box stands in its relation to the target's box by `reward.geneval_relations`. Raises RuntimeError after
-    `tries` rejected layouts (not seen for this world's prompts)."""
+    """A layout satisfying `metadata`: a list of (shape, colour, (x0, y0, x1, y1)) boxes in pixels, one per cell of
+    a GRID x GRID grid (side in SHAPE_SIZES, centre within JITTER of the cell's), no two boxes closer than GAP;
+    colours the prompt does not name are drawn at random; a "position" clause's box stands in its relation to the
+    target's box by `reward.geneval_relations`. Raises RuntimeError after `tries` rejected layouts (not seen for
+    this world's prompts). The coarse grid keeps the world small enough for a CPU-pretrained model to learn."""
     objects = []
     for clause in metadata["include"]:
         objects += [(clause["class"], clause.get("color"), clause.get("position"))] * clause["count"]
+    cell = SIZE / GRID
     for _ in range(tries):
         boxes = []
-        for _shape in objects:
+        for index in rng.sample(range(GRID * GRID), len(objects)):
             side = rng.randint(*SHAPE_SIZES)
-            x0, y0 = rng.randint(1, SIZE - side - 1), rng.randint(1, SIZE - side - 1)
+            cx = (index % GRID + 0.5) * cell + rng.randint(-JITTER, JITTER)
+            cy = (index // GRID + 0.5) * cell + rng.randint(-JITTER, JITTER)
+            x0, y0 = round(cx - side / 2), round(cy - side / 2)
             boxes.append((x0, y0, x0 + side - 1, y0 + side - 1))
+        inside = all(0 < b[0] and 0 < b[1] and b[2] < SIZE - 1 and b[3] < SIZE - 1 for b in boxes)
         apart = all(a[2] + GAP < b[0] or b[2] + GAP < a[0] or a[3] + GAP < b[1] or b[3] + GAP < a[1]
                     for a, b in itertools.combinations(boxes, 2))
         placed = all(position is None or position[0] in geneval_relations(box, boxes[position[1]])
                      for (_, _, position), box in zip(objects, boxes))
-        if apart and placed:
+        if inside and apart and placed:
             return [(shape, colour or rng.choice(list(SHAPE_PALETTE)), box)
                     for (shape, colour, _), box in zip(objects, boxes)]
     raise RuntimeError(f"no layout found for {metadata['prompt']!r} in {tries} tries")
