@@ -268,7 +268,7 @@ def tiny_geneval():
         Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64,
         width=64, prompts=os.path.join(HERE, "data", "tiny_geneval", "train.jsonl"),
         eval_prompts=os.path.join(HERE, "data", "tiny_geneval", "heldout.jsonl"), reward="geneval_shapes",
-        eval_rewards="")
+        eval_rewards="geneval_shapes_poly")
 
 
 def sd35m_ocr():

@@ -896,6 +896,91 @@ def geneval_shapes_reward(device="cpu", detect_text=True, position_bug=False):
                           position_bug)
 
 
+# A second, independently built detector for the shapes world, used only as an unseen metric (never trained on),
+# as PP-OCR is for the OCR task: a different foreground rule (Otsu's threshold on darkness), 8-connected regions
+# (scipy.ndimage), shape from the vertex count of the outline's polygon and its circularity (scikit-image), colour
+# from the hue and value of the region's mean colour (colorsys). Only the GenEval rules are shared.
+POLYGON_PROTOTYPES = {"triangle": (3, 0.66), "square": (4, 0.89), "circle": (8, 1.0), "cross": (12, 0.56)}
+POLYGON_TOLERANCE = 0.08   # polygon simplification tolerance, as a fraction of the region's larger box side
+POLYGON_VERTEX_SCALE = 0.5    # log2 vertex count off by this much costs one unit of distance
+POLYGON_CIRCULARITY_SLACK, POLYGON_CIRCULARITY_SCALE = 0.12, 0.05  # free band, then cost per unit off
+POLYGON_MIN_DARKNESS = 0.25   # foreground threshold floor (1 - min(R, G, B) / 255): a blank image has no objects
+POLYGON_MIN_AREA = 16         # pixels
+POLYGON_BLACK_VALUE = 0.35    # a region whose mean colour has HSV value below this is black
+
+
+def polygon_features(mask):
+    """(vertices, circularity) of one region: the vertex count of its outer outline simplified by Douglas-Peucker
+    (skimage.measure.approximate_polygon, tolerance POLYGON_TOLERANCE x the larger box side) and 4 pi area /
+    perimeter^2. mask: (H, W) bool, one connected region. Renders give 3 / 4 / 8 / 12 vertices for triangle /
+    square / circle / cross."""
+    from skimage.measure import approximate_polygon, find_contours, regionprops
+
+    region = regionprops(mask.astype(np.uint8))[0]
+    outline = max(find_contours(np.pad(mask, 1).astype(float), 0.5), key=len)
+    side = max(region.bbox[2] - region.bbox[0], region.bbox[3] - region.bbox[1])
+    vertices = max(len(approximate_polygon(outline, tolerance=POLYGON_TOLERANCE * side)) - 1, 1)
+    return vertices, 4 * math.pi * region.area / max(region.perimeter, 1e-6) ** 2
+
+
+def polygon_detections(image):
+    """The second shapes detector: a list of Detection (label in SHAPES), any order, as `shape_detections` returns.
+
+    image: PIL image of flat shapes on white. Foreground = darkness 1 - min(R, G, B) / 255 above Otsu's threshold
+    (skimage.filters.threshold_otsu, floored at POLYGON_MIN_DARKNESS); objects = 8-connected regions of at least
+    POLYGON_MIN_AREA pixels (scipy.ndimage.label). Label = nearest entry of POLYGON_PROTOTYPES by
+    d^2 = (log2 vertices off / POLYGON_VERTEX_SCALE)^2 + (circularity off beyond the slack / its scale)^2, score
+    exp(-d^2 / 2) in (0, 1] (a clean render scores 1).
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    darkness = 1 - np.asarray(image.convert("RGB"), dtype=np.float32).min(axis=2) / 255
+    threshold = max(threshold_otsu(darkness) if darkness.max() > darkness.min() else 1.0, POLYGON_MIN_DARKNESS)
+    regions, _ = ndimage.label(darkness > threshold, structure=np.ones((3, 3)))
+    found = []
+    for index, box in enumerate(ndimage.find_objects(regions), start=1):
+        mask = regions == index
+        if mask.sum() < POLYGON_MIN_AREA:
+            continue
+        vertices, circularity = polygon_features(mask)
+        distances = {name: math.hypot(math.log2(vertices / v) / POLYGON_VERTEX_SCALE,
+                                      max(abs(circularity - c) - POLYGON_CIRCULARITY_SLACK, 0)
+                                      / POLYGON_CIRCULARITY_SCALE)
+                     for name, (v, c) in POLYGON_PROTOTYPES.items()}
+        name = min(distances, key=distances.get)
+        rows, cols = box
+        found.append(Detection(label=name, score=math.exp(-distances[name] ** 2 / 2), mask=mask,
+                               box=(float(cols.start), float(rows.start), float(cols.stop - 1), float(rows.stop - 1))))
+    return found
+
+
+def polygon_colour(image, detection):
+    """The palette colour of a detection by hue: black if the HSV value of the mean colour of its mask (eroded by one
+    pixel when that leaves any) is below POLYGON_BLACK_VALUE, else the non-black palette colour of nearest hue
+    (on the hue circle). image: PIL image; detection: a Detection with a mask of the image's size."""
+    import colorsys
+
+    from scipy.ndimage import binary_erosion
+
+    inner = binary_erosion(detection.mask)
+    mean = np.asarray(image.convert("RGB"), dtype=np.float32)[inner if inner.any() else detection.mask].mean(axis=0)
+    hue, _, value = colorsys.rgb_to_hsv(*(mean / 255))
+    if value < POLYGON_BLACK_VALUE:
+        return "black"
+    hues = {name: colorsys.rgb_to_hsv(*(np.array(rgb) / 255))[0] for name, rgb in SHAPE_PALETTE.items()
+            if name != "black"}
+    return min(hues, key=lambda name: min(abs(hue - hues[name]), 1 - abs(hue - hues[name])))
+
+
+def geneval_shapes_polygon_reward(device="cpu", detect_text=True, position_bug=False):
+    """Factory for the unseen GenEval metric of the shapes world: `polygon_detections` + `polygon_colour`, scored by
+    the same `geneval_check` rules as `geneval_shapes_reward` (rewards in [0, 1], info geneval/correct and
+    geneval/strict). device, detect_text: ignored (no model)."""
+    return geneval_scorer(lambda images: [polygon_detections(image) for image in images], polygon_colour, SHAPES,
+                          position_bug)
+
+
 PICKSCORE_SCALE = 26.0  # DiffusionNFT divides PickScore's logit by 26 to bring it near [0, 1]
 
 
@@ -951,11 +1036,13 @@ def clipscore_reward(device="cpu", detect_text=True, model="openai/clip-vit-larg
 
 
 REWARDS = {"ocr": ocr_reward, "ppocr": ppocr_reward, "geneval": geneval_reward,
-           "geneval_shapes": geneval_shapes_reward, "pickscore": pickscore_reward, "clipscore": clipscore_reward,
+           "geneval_shapes": geneval_shapes_reward, "geneval_shapes_poly": geneval_shapes_polygon_reward,
+           "pickscore": pickscore_reward, "clipscore": clipscore_reward,
            "ink": ink_reward}
 # What each reward needs of a prompt: fn(prompt) raises ValueError saying what is missing (before any model loads).
 PROMPT_CHECKS = {"ocr": ocr_target, "ppocr": ocr_target, "geneval": geneval_metadata,
-                 "geneval_shapes": lambda prompt: geneval_metadata(prompt, SHAPES), "pickscore": prompt_text,
+                 "geneval_shapes": lambda prompt: geneval_metadata(prompt, SHAPES),
+                 "geneval_shapes_poly": lambda prompt: geneval_metadata(prompt, SHAPES), "pickscore": prompt_text,
                  "clipscore": prompt_text}
 
 

@@ -1243,65 +1243,79 @@ def shapes_scene(*objects):
     return [(shape, colour, (x0, y0, x0 + side - 1, y0 + side - 1)) for shape, colour, x0, y0, side in objects]
 
 
-def shapes_geneval(scene, metadata):
+# the trained reward's detector and the unseen metric's, built independently: both must pass every test below
+DETECTORS = {"regions": (reward.shape_detections, reward.shape_colour),
+             "polygons": (reward.polygon_detections, reward.polygon_colour)}
+
+
+def shapes_geneval(scene, metadata, detector="regions"):
     from tools.shapes_world import render
 
+    detect, colour_of = DETECTORS[detector]
     image = render(scene)
-    return reward.geneval_check(reward.shape_detections(image), metadata, lambda d: reward.shape_colour(image, d),
-                                objects=reward.SHAPES)
+    return reward.geneval_check(detect(image), metadata, lambda d: colour_of(image, d), objects=reward.SHAPES)
 
 
+@pytest.mark.parametrize("detector", DETECTORS)
 @pytest.mark.parametrize("shape", reward.SHAPES)
-@pytest.mark.parametrize("side", [12, 16, 20])
-def test_shape_detector_names_every_shape_and_colour(shape, side):
+@pytest.mark.parametrize("side", [12, 16, 20, 26])
+def test_shape_detector_names_every_shape_and_colour(shape, side, detector):
     from tools.shapes_world import render
 
+    detect, colour_of = DETECTORS[detector]
     for colour in reward.SHAPE_PALETTE:
         image = render(shapes_scene((shape, colour, 20, 10, side)))
-        (found,) = reward.shape_detections(image)
-        assert (found.label, reward.shape_colour(image, found)) == (shape, colour)
+        (found,) = detect(image)
+        assert (found.label, colour_of(image, found)) == (shape, colour)
         assert found.score > reward.GENEVAL_COUNTING_THRESHOLD  # clean renders pass even the counting threshold
         assert found.box == (20.0, 10.0, 20.0 + side - 1, 10.0 + side - 1)
 
 
+@pytest.mark.parametrize("detector", DETECTORS)
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
-def test_shape_detector_counts_separate_shapes_and_merges_touching_ones(count):
+def test_shape_detector_counts_separate_shapes_and_merges_touching_ones(count, detector):
     corners = [(2, 2), (40, 2), (2, 40), (40, 40)]
     scene = shapes_scene(*[("circle", "blue", x, y, 18) for x, y in corners[:count]])
     metadata = {"tag": "counting", "include": [{"class": "circle", "count": count}],
                 "exclude": [{"class": "circle", "count": count + 1}]}
-    assert shapes_geneval(scene, metadata).correct
+    assert shapes_geneval(scene, metadata, detector).correct
     if count > 1:  # one circle fewer asked for: the exclude clause fires
         fewer = {"tag": "counting", "include": [{"class": "circle", "count": count - 1}],
                  "exclude": [{"class": "circle", "count": count}]}
-        assert not shapes_geneval(scene, fewer).correct
+        assert not shapes_geneval(scene, fewer, detector).correct
     from tools.shapes_world import render
 
     touching = render(shapes_scene(("square", "red", 10, 10, 16), ("square", "red", 26, 10, 16)))
-    assert len(reward.shape_detections(touching)) == 1  # one region, as any detector would see it
+    assert len(DETECTORS[detector][0](touching)) == 1  # one region, as any detector would see it
+    assert DETECTORS[detector][0](render([])) == []  # a blank image holds no object
 
 
-def test_shape_detector_positions_follow_the_geneval_relations():
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_shape_detector_positions_follow_the_geneval_relations(detector):
     left_of = {"tag": "position", "include": [{"class": "square", "count": 1},
                                               {"class": "triangle", "count": 1, "position": ["left of", 0]}]}
     assert shapes_geneval(shapes_scene(("triangle", "green", 4, 24, 16), ("square", "red", 40, 24, 16)),
-                          left_of).correct
-    swapped = shapes_geneval(shapes_scene(("triangle", "green", 40, 24, 16), ("square", "red", 4, 24, 16)), left_of)
+                          left_of, detector).correct
+    swapped = shapes_geneval(shapes_scene(("triangle", "green", 40, 24, 16), ("square", "red", 4, 24, 16)), left_of,
+                             detector)
     assert not swapped.correct and "found right of" in swapped.reason
     above = dict(left_of, include=[left_of["include"][0], {"class": "triangle", "count": 1,
                                                            "position": ["above", 0]}])
     assert shapes_geneval(shapes_scene(("triangle", "green", 24, 2, 16), ("square", "red", 24, 40, 16)),
-                          above).correct
+                          above, detector).correct
 
 
-def test_shape_detector_colour_binding_and_partial_credit():
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_shape_detector_colour_binding_and_partial_credit(detector):
     metadata = {"tag": "color_attr", "include": [{"class": "circle", "count": 1, "color": "red"},
                                                  {"class": "cross", "count": 1, "color": "blue"}]}
-    right = shapes_geneval(shapes_scene(("circle", "red", 4, 4, 18), ("cross", "blue", 36, 36, 18)), metadata)
+    right = shapes_geneval(shapes_scene(("circle", "red", 4, 4, 18), ("cross", "blue", 36, 36, 18)), metadata,
+                           detector)
     assert right.correct and right.score == 1.0
-    swapped = shapes_geneval(shapes_scene(("circle", "blue", 4, 4, 18), ("cross", "red", 36, 36, 18)), metadata)
+    swapped = shapes_geneval(shapes_scene(("circle", "blue", 4, 4, 18), ("cross", "red", 36, 36, 18)), metadata,
+                             detector)
     assert not swapped.correct and swapped.score == 0.5  # both counts right (1, 1), both colours wrong (0, 0)
-    blank = shapes_geneval([], metadata)
+    blank = shapes_geneval([], metadata, detector)
     assert not blank.correct and blank.score == 0.0
 
 
@@ -1333,11 +1347,13 @@ def test_shapes_world_scenes_satisfy_their_prompts_and_lists_share_none():
         assert len(lines) == LINES[name]
         shares = [sum(m["tag"] == tag for m in lines) for tag in TAGS]
         assert max(shares) - min(shares) <= 1, (name, shares)  # the six tags in equal shares
-    rng, fn = random.Random(0), reward.make_reward("geneval_shapes")
+    rng = random.Random(0)
     sample = lists["heldout"][::8] + lists["train"][::60]  # every tag of both lists
     images = [render(scene_for(m, rng)) for m in sample]
-    rewards, info = fn(images, [json.dumps(m) for m in sample])
-    assert rewards.tolist() == [1.0] * len(sample) and info["geneval/correct"].tolist() == [1.0] * len(sample)
+    for name in ("geneval_shapes", "geneval_shapes_poly"):  # the trained reward and the unseen metric
+        rewards, info = reward.make_reward(name)(images, [json.dumps(m) for m in sample])
+        assert rewards.tolist() == [1.0] * len(sample), name
+        assert info["geneval/correct"].tolist() == [1.0] * len(sample), name
 
 
 def test_shapes_reward_checks_prompts_against_the_shapes_vocabulary():
@@ -1910,12 +1926,13 @@ def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path, 
                               prompts_per_iteration=2, group_size=4, micro_batch_size=8, lora_rank=4, lora_alpha=8,
                               optimizer_steps_per_iteration=1, eval_count=12, eval_start=38, num_steps=4,
                               eval_num_steps=3, sample_every=1)
-    assert (cfg.reward, cfg.height, cfg.width, cfg.eval_rewards) == ("geneval_shapes", 64, 64, "")
+    assert (cfg.reward, cfg.height, cfg.width, cfg.eval_rewards) == ("geneval_shapes", 64, 64, "geneval_shapes_poly")
     metrics = crd.main(cfg)
     assert [m["train/step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert math.isfinite(m["loss/crd"]) and 0 <= m["reward/mean"] <= 1 and 0 <= m["reward/geneval/correct"] <= 1
     final = metrics[-1]
     assert final["eval/iteration"] == 2 and 0 <= final["eval/reward"] <= 1
+    assert 0 <= final["eval/geneval_shapes_poly"] <= 1  # the unseen detector scores every held-out evaluation
     assert {key.split("/")[2] for key in final if key.startswith("eval/tag/")} == {"single_object", "two_object"}
     assert os.path.isfile(os.path.join(tmp_path, cfg.run_name, "samples_0001.png"))

@@ -45,6 +45,8 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "no-decoupled-sampler": ["--no-decoupled-sampler"],
     "no-adaptive-norm": ["--no-adaptive-norm"],
     "batch-centering": ["--centering", "batch"],
+    "kl-beta-0.5": ["--kl-beta", "0.5"],  # a stronger CFG anchor (the GenEval task's screening)
+    "kl-beta-2": ["--kl-beta", "2"],
 }
 
 
@@ -207,28 +209,68 @@ def report(iterations, out, name, threshold, rescore=False):
 
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_DATA = os.path.join(ROOT, "data", "tiny_geneval")
+TRAIN_STRIDE = 7  # the training-prompt sample: lines 1, 8, 15, ... of train.jsonl (258 lines, 43 per tag, 98 prompts)
+
+
+def geneval_prompt_sets(out):
+    """{name: (prompt file, line count)} of the prompt sets each final GenEval LoRA is scored on: "heldout" (as the
+    runs' own last evaluation, now with the unseen metric), "val"
+    (val.jsonl, 33 prompts no run trains on) and "train" (every TRAIN_STRIDE-th line of train.jsonl, written to
+    <out>/train_every7.jsonl: prompts the runs train on, fresh noise). train.jsonl is ordered by tag, so its first
+    lines would all be single-object prompts."""
+    with open(os.path.join(GENEVAL_DATA, "train.jsonl")) as f:
+        sample = [line for i, line in enumerate(f) if i % TRAIN_STRIDE == 0]
+    os.makedirs(out, exist_ok=True)
+    train = os.path.join(out, f"train_every{TRAIN_STRIDE}.jsonl")
+    with open(train, "w") as f:
+        f.writelines(sample)
+    return {"heldout": (os.path.join(GENEVAL_DATA, "heldout.jsonl"), 256),
+            "val": (os.path.join(GENEVAL_DATA, "val.jsonl"), 128), "train": (train, len(sample))}
+
+
+def geneval_final_eval(run_dir, name, prompts, count):
+    """Score the run's final LoRA on `prompts` (crd.py --eval --preset tiny_geneval, theta, no CFG, seeds 0, 1, ...)
+    once, with the unseen metric geneval_shapes_poly; cached in <run>/final-NAME/eval.json. Returns (GenEval score =
+    mean over tags of geneval/correct, partial credit = mean reward, the unseen detector's partial credit)."""
+    folder = os.path.join(run_dir, f"final-{name}")
+    path = os.path.join(folder, "eval.json")
+    if not os.path.isfile(path):
+        subprocess.run([sys.executable, "crd.py", "--eval", "--preset", "tiny_geneval", "--eval-prompts",
+                        os.path.relpath(prompts, ROOT), "--eval-count", str(count), "--eval-rewards",
+                        "geneval_shapes_poly", "--output-dir",
+                        os.path.relpath(run_dir, ROOT), "--run-name", f"final-{name}", "--lora",
+                        os.path.join(run_dir, "lora")], cwd=ROOT, check=True)
+    with open(path) as f:
+        result = json.load(f)
+    return result["tag_mean"]["geneval/correct"], result["reward"], result["unseen"]["geneval_shapes_poly"]
 
 
 def report_geneval(iterations, out, name, preset):
     """The GenEval task's table: per variant, mean ± std over seeds of the final held-out GenEval score (the mean
     over the six tags of the fraction of images the benchmark's rules count correct), of the partial-credit reward
     the runs optimise, and of each tag's fraction correct; per-run rows in docs/NAME_runs.csv."""
-    rows = []
+    rows, prompt_sets = [], geneval_prompt_sets(out)
     for variant in VARIANTS:
         for seed in range(100):
             run_dir = os.path.join(out, f"{variant}-s{seed}")
             if not finished(run_dir, iterations):
                 continue
+            extra = {}
+            for set_name, (prompts, count) in prompt_sets.items():
+                (extra[f"{set_name}_geneval"], extra[f"{set_name}_partial_credit"],
+                 extra[f"{set_name}_unseen_poly"]) = geneval_final_eval(run_dir, set_name, prompts, count)
             first, last = (next(m for m in read_metrics(run_dir) if m.get("eval/iteration") == i)
                            for i in (0, iterations))
             tags = {tag: last[f"eval/tag/{tag}/geneval/correct"] for tag in GENEVAL_TAGS}
             rows.append({"variant": variant, "seed": seed, "base_geneval": statistics.mean(
                              first[f"eval/tag/{tag}/geneval/correct"] for tag in GENEVAL_TAGS),
                          "geneval": statistics.mean(tags.values()), "partial_credit": last["eval/reward"], **tags,
-                         "blank_fraction": last["eval/blank"], "pixel_std": last["eval/pixel_std"],
+                         **extra, "blank_fraction": last["eval/blank"], "pixel_std": last["eval/pixel_std"],
                          "command": " ".join(command(variant, seed, iterations, out, preset))})
     write_runs(rows, iterations, out, name)
-    keys = ("geneval", "partial_credit", *GENEVAL_TAGS)
+    keys = ("geneval", "partial_credit", *GENEVAL_TAGS, *(f"{n}_{k}" for n in prompt_sets
+                                                         for k in ("geneval", "partial_credit", "unseen_poly")))
     print(f"| variant | seeds | {' | '.join(keys)} | near-blank | flags |")
     print("|---" * (len(keys) + 4) + "|")
     for variant in dict.fromkeys(r["variant"] for r in rows):
