@@ -45,8 +45,10 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "no-decoupled-sampler": ["--no-decoupled-sampler"],
     "no-adaptive-norm": ["--no-adaptive-norm"],
     "batch-centering": ["--centering", "batch"],
-    "kl-beta-0.5": ["--kl-beta", "0.5"],  # a stronger CFG anchor (the GenEval task's screening)
-    "kl-beta-2": ["--kl-beta", "2"],
+    "anchor-only-kl-0.1": ["--objective", "anchor", "--no-adaptive-kl", "--kl-beta", "0.1"],  # the control at 0.1
+    "kl-beta-0.1": ["--kl-beta", "0.1"],  # the OCR task's anchor weight (tiny_geneval's default is 2, chosen on val)
+    "kl-beta-0.5": ["--kl-beta", "0.5"],
+    "kl-beta-2": ["--kl-beta", "2"],  # tiny_ocr with a 20x stronger anchor (on tiny_geneval the same as crd)
 }
 
 
