@@ -266,10 +266,10 @@ def tiny_geneval():
     (reward geneval_shapes, prompts data/tiny_geneval from tools/shapes_world.py). kl_beta 2 was chosen on the
     validation prompts among 0.1 / 0.5 / 2 (GenEval score, 3 seeds each; README)."""
     return dataclasses.replace(
-        Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64, kl_beta=2.0,
+        Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64,
         width=64, prompts=os.path.join(HERE, "data", "tiny_geneval", "train.jsonl"),
         eval_prompts=os.path.join(HERE, "data", "tiny_geneval", "heldout.jsonl"), reward="geneval_shapes",
-        eval_rewards="geneval_shapes_poly")
+        eval_rewards="geneval_shapes_poly", kl_beta=2.0)
 
 
 def sd35m_ocr():

@@ -17,6 +17,7 @@ or a weighted sum ('ocr:1,pickscore:0.5'), and `check_prompts(spec, prompts)` ru
   checks.
 - `ink`: a cheap deterministic reward for tests.
 """
+import colorsys
 import math
 import re
 from dataclasses import dataclass
@@ -907,6 +908,8 @@ POLYGON_CIRCULARITY_SLACK, POLYGON_CIRCULARITY_SCALE = 0.12, 0.05  # free band, 
 POLYGON_MIN_DARKNESS = 0.25   # foreground threshold floor (1 - min(R, G, B) / 255): a blank image has no objects
 POLYGON_MIN_AREA = 16         # pixels
 POLYGON_BLACK_VALUE = 0.35    # a region whose mean colour has HSV value below this is black
+POLYGON_HUES = {name: colorsys.rgb_to_hsv(*(np.array(rgb) / 255))[0] for name, rgb in SHAPE_PALETTE.items()
+                if name != "black"}  # hue in [0, 1) of each coloured palette entry
 
 
 def polygon_features(mask):
@@ -959,8 +962,6 @@ def polygon_colour(image, detection):
     """The palette colour of a detection by hue: black if the HSV value of the mean colour of its mask (eroded by one
     pixel when that leaves any) is below POLYGON_BLACK_VALUE, else the non-black palette colour of nearest hue
     (on the hue circle). image: PIL image; detection: a Detection with a mask of the image's size."""
-    import colorsys
-
     from scipy.ndimage import binary_erosion
 
     inner = binary_erosion(detection.mask)
@@ -968,9 +969,7 @@ def polygon_colour(image, detection):
     hue, _, value = colorsys.rgb_to_hsv(*(mean / 255))
     if value < POLYGON_BLACK_VALUE:
         return "black"
-    hues = {name: colorsys.rgb_to_hsv(*(np.array(rgb) / 255))[0] for name, rgb in SHAPE_PALETTE.items()
-            if name != "black"}
-    return min(hues, key=lambda name: min(abs(hue - hues[name]), 1 - abs(hue - hues[name])))
+    return min(POLYGON_HUES, key=lambda name: min(abs(hue - POLYGON_HUES[name]), 1 - abs(hue - POLYGON_HUES[name])))
 
 
 def geneval_shapes_polygon_reward(device="cpu", detect_text=True, position_bug=False):

@@ -216,11 +216,10 @@ TRAIN_STRIDE = 7  # the training-prompt sample: lines 1, 8, 15, ... of train.jso
 
 
 def geneval_prompt_sets(out):
-    """{name: (prompt file, line count)} of the prompt sets each final GenEval LoRA is scored on: "heldout" (as the
-    runs' own last evaluation, now with the unseen metric), "val"
-    (val.jsonl, 33 prompts no run trains on) and "train" (every TRAIN_STRIDE-th line of train.jsonl, written to
-    <out>/train_every7.jsonl: prompts the runs train on, fresh noise). train.jsonl is ordered by tag, so its first
-    lines would all be single-object prompts."""
+    """{name: (prompt file, line count)} of the prompt sets each final GenEval LoRA is scored on: "heldout" (the runs'
+    own last evaluation, repeated with the unseen metric), "val" (val.jsonl, 33 prompts no run trains on) and "train"
+    (every TRAIN_STRIDE-th line of train.jsonl, written to <out>/train_every7.jsonl: prompts the runs train on, with
+    fresh noise). train.jsonl is ordered by tag, so its first lines would all be single-object prompts."""
     with open(os.path.join(GENEVAL_DATA, "train.jsonl")) as f:
         sample = [line for i, line in enumerate(f) if i % TRAIN_STRIDE == 0]
     os.makedirs(out, exist_ok=True)
@@ -251,7 +250,8 @@ def geneval_final_eval(run_dir, name, prompts, count):
 def report_geneval(iterations, out, name, preset):
     """The GenEval task's table: per variant, mean ± std over seeds of the final held-out GenEval score (the mean
     over the six tags of the fraction of images the benchmark's rules count correct), of the partial-credit reward
-    the runs optimise, and of each tag's fraction correct; per-run rows in docs/NAME_runs.csv."""
+    the runs optimise and of each tag's fraction correct, then GenEval score / partial credit / unseen detector on
+    each set of `geneval_prompt_sets` (held-out, val, training prompts); per-run rows in docs/NAME_runs.csv."""
     rows, prompt_sets = [], geneval_prompt_sets(out)
     for variant in VARIANTS:
         for seed in range(100):
