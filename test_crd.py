@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import crd
+import plumbing
 import reward
 from reward import (GENEVAL_COLOURS, GENEVAL_CROP_BACKGROUND, GENEVAL_OBJECTS, Detection, clip_colour_classifier,
                     clipscore_reward, geneval_check, geneval_filter, geneval_relations, geneval_reward,
@@ -349,34 +350,34 @@ def test_the_analytic_tilt_check_fails_when_the_loss_is_broken(toy_base, monkeyp
 # ---------------------------------------------------------------------------------------------------------------
 def test_config_validation_names_the_problem():
     with pytest.raises(ValueError, match="group-size 1"):
-        dataclasses.replace(crd.Config(), group_size=1).validate()
+        plumbing.check_config(dataclasses.replace(crd.Config(), group_size=1))
     with pytest.raises(ValueError, match="not a multiple of --group-size"):
-        dataclasses.replace(crd.Config(), micro_batch_size=12).validate()
+        plumbing.check_config(dataclasses.replace(crd.Config(), micro_batch_size=12))
     with pytest.raises(ValueError, match="optimizer steps"):
-        dataclasses.replace(crd.Config(), train_timesteps=1, optimizer_steps_per_iteration=4).validate()
-    crd.Config().validate()
-    crd.sd35m_ocr().validate()
+        plumbing.check_config(dataclasses.replace(crd.Config(), train_timesteps=1, optimizer_steps_per_iteration=4))
+    plumbing.check_config(crd.Config())
+    plumbing.check_config(crd.sd35m_ocr())
 
 
 def test_check_inputs_rejects_unknown_reward_and_unquoted_prompts(tmp_path):
     with pytest.raises(ValueError, match="known rewards: .*ocr"):
-        crd.check_inputs(dataclasses.replace(crd.Config(), reward="aesthetic"))
+        plumbing.check_inputs(dataclasses.replace(crd.Config(), reward="aesthetic"))
     bad = tmp_path / "prompts.txt"
     bad.write_text('"abc"\nno quotes here\n')
     with pytest.raises(ValueError, match="prompt 2"):
-        crd.check_inputs(dataclasses.replace(crd.Config(), prompts=str(bad)))
+        plumbing.check_inputs(dataclasses.replace(crd.Config(), prompts=str(bad)))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        crd.check_inputs(dataclasses.replace(crd.Config(), prompts=str(empty)))
+        plumbing.check_inputs(dataclasses.replace(crd.Config(), prompts=str(empty)))
 
 
 def test_cli_exposes_every_config_field():
-    cfg, _ = crd.parse_args(["--group-size", "4", "--no-adaptive-kl", "--beta", "0.5"])
+    cfg, _ = plumbing.parse_args(crd.Config, crd.PRESETS, ["--group-size", "4", "--no-adaptive-kl", "--beta", "0.5"])
     assert (cfg.group_size, cfg.adaptive_kl, cfg.beta) == (4, False, 0.5)
-    cfg, _ = crd.parse_args(["--preset", "sd35m_ocr"])
+    cfg, _ = plumbing.parse_args(crd.Config, crd.PRESETS, ["--preset", "sd35m_ocr"])
     assert (cfg.group_size, cfg.prompts_per_iteration, cfg.height) == (24, 48, 512)
-    assert set(crd.field_docs(crd.Config)) == {f.name for f in dataclasses.fields(crd.Config)}
+    assert set(plumbing.field_docs(crd.Config)) == {f.name for f in dataclasses.fields(crd.Config)}
 
 
 @pytest.mark.parametrize("preset", sorted(crd.PRESETS))
@@ -406,7 +407,7 @@ def test_ocr_score_formula():
 @pytest.mark.parametrize("name,detect_text", [("ocr", True), ("ocr", False), ("ppocr", False)])
 def test_ocr_rewards_read_clean_renders_and_score_blank_zero(name, detect_text):
     """Both engines (EasyOCR, the trained reward; PP-OCRv4, the unseen metric), with and without text detection."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageFont
     from tools.pretrain_tiny import font_path, render
 
     font = ImageFont.truetype(font_path(), 20)
@@ -470,7 +471,7 @@ def test_json_lines_prompts_reach_the_reward_whole_and_the_encoder_as_text(tmp_p
     crd.main(cfg)
     assert set(seen) == set(lines) and all(reward.geneval_metadata(p)["tag"] == "counting" for p in seen)
     with pytest.raises(crd.InputError, match="cannot be scored by the recorder reward"):
-        crd.check_inputs(dataclasses.replace(cfg, eval_prompts=str(tmp_path / "plain.txt")) if (
+        plumbing.check_inputs(dataclasses.replace(cfg, eval_prompts=str(tmp_path / "plain.txt")) if (
             tmp_path / "plain.txt").write_text('"abc"\n') else None)
 
 
@@ -645,7 +646,7 @@ def test_checkpoint_write_killed_midway_leaves_previous_checkpoint(tmp_path, mon
     params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
     optimizer = torch.optim.AdamW(params["theta"])
     path, cfg = str(tmp_path / "checkpoint.pt"), crd.Config()
-    crd.save_checkpoint(path, cfg, params, optimizer, {"iteration": 3, "step": 6})
+    plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 3, "step": 6})
 
     def dying_save(obj, file):  # writes half a file, then the process "dies"
         with open(file, "wb") as f:
@@ -655,9 +656,9 @@ def test_checkpoint_write_killed_midway_leaves_previous_checkpoint(tmp_path, mon
     monkeypatch.setattr(torch, "save", dying_save)
     params["theta"][0].fill_(5.0)
     with pytest.raises(KeyboardInterrupt):
-        crd.save_checkpoint(path, cfg, params, optimizer, {"iteration": 4, "step": 8})
+        plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 4, "step": 8})
     monkeypatch.undo()
-    assert crd.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 3, "step": 6}
+    assert plumbing.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 3, "step": 6}
     assert params["theta"][0].tolist() == [1.0, 1.0]
 
 
@@ -675,13 +676,13 @@ def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
     ]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
-            crd.check_inputs(dataclasses.replace(base, **overrides))
+            plumbing.check_inputs(dataclasses.replace(base, **overrides))
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        base.validate(world_size=3)
+        plumbing.check_config(base, world_size=3)
     with pytest.raises(ValueError, match="no prompt file: pass --prompts"):  # SD3.5-M ships no training prompts
-        crd.check_inputs(crd.sd35m_ocr())
-    assert crd.check_inputs(crd.sd35m_ocr(), training=False)[1][0].count('"') == 2  # --eval needs none
-    crd.check_model("stabilityai/stable-diffusion-3.5-medium")  # a hub id is not checked as a folder
+        plumbing.check_inputs(crd.sd35m_ocr())
+    assert plumbing.check_inputs(crd.sd35m_ocr(), training=False)[1][0].count('"') == 2  # --eval needs none
+    plumbing.check_model("stabilityai/stable-diffusion-3.5-medium")  # a hub id is not checked as a folder
     with pytest.raises(crd.InputError, match="no such checkpoint"):
         crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
 
@@ -734,22 +735,57 @@ def test_log_to_tensorboard_writes_the_metrics_keys_and_the_held_out_grid(tmp_pa
     assert "eval/grid" in events.Tags()["images"]
 
 
+def test_held_out_evaluation_gives_prompt_i_the_seed_seed_plus_i_whatever_the_batching():
+    """plumbing.evaluate: prompt i is drawn with seed `seed + i` in any batch size (every model compared sees the
+    same noise), rewards come back in prompt order, the unseen metric scores the very images the reward scored,
+    and GenEval tags give per-tag means and their mean."""
+    calls = []
+
+    def generate(prompts, seeds):  # an image whose grey level is its seed: the reward can read the seed back
+        calls.append(list(seeds))
+        return [Image.new("RGB", (4, 4), (s, s, s)) for s in seeds]
+
+    def grey(images, prompts):
+        return torch.tensor([image.getpixel((0, 0))[0] / 255 for image in images]), {}
+
+    prompts = [json.dumps({"prompt": f"prompt {i}", "tag": "a" if i < 3 else "b"}) for i in range(5)]
+    results = [plumbing.evaluate(generate, grey, prompts, batch_size=size, seed=100, unseen={"grey": grey})
+               for size in (2, 5)]
+    assert calls == [[100, 101], [102, 103], [104], [100, 101, 102, 103, 104]]
+    for result in results:
+        assert result["rewards"].tolist() == pytest.approx([s / 255 for s in range(100, 105)])
+        assert result["unseen"]["grey"] == pytest.approx(result["reward"]) and result["n"] == 5
+        assert result["per_tag"]["a"]["reward"] == pytest.approx(101 / 255)
+        assert result["per_tag"]["b"]["reward"] == pytest.approx(103.5 / 255)
+        assert result["tag_mean"]["reward"] == pytest.approx((101 + 103.5) / 2 / 255)
+
+
+def test_plumbing_imports_nothing_from_crd():
+    """`python crd.py` runs crd.py as __main__: a plumbing.py that imported crd would load a second copy of it."""
+    import ast
+
+    tree = ast.parse(open(plumbing.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "crd" not in imported and "reward" in imported
+
+
 def test_checkpoint_with_pickled_code_is_refused_and_a_real_one_loads_weights_only(tmp_path):
     params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
     optimizer = torch.optim.AdamW(params["theta"])
     params["theta"][0].grad = torch.ones(2)
     optimizer.step()  # a real AdamW state: tensors, numbers, tuples
     cfg, path = crd.Config(), str(tmp_path / "checkpoint.pt")
-    crd.save_checkpoint(path, cfg, params, optimizer, {"iteration": 1, "step": 1})
-    assert crd.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 1, "step": 1}
+    plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 1, "step": 1})
+    assert plumbing.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 1, "step": 1}
     evil = str(tmp_path / "evil.pt")
     torch.save({"config": {}, "state": {}, "optimizer": {}, "lora": {}, "payload": torch.nn.Linear(1, 1)}, evil)
     with pytest.raises(crd.InputError, match="evil.pt: not a readable CRD checkpoint"):
-        crd.load_checkpoint(evil, cfg, params, optimizer)
+        plumbing.load_checkpoint(evil, cfg, params, optimizer)
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"weights": torch.ones(1)}, foreign)
     with pytest.raises(crd.InputError, match="foreign.pt: not a CRD checkpoint"):
-        crd.load_checkpoint(foreign, cfg, params, optimizer)
+        plumbing.load_checkpoint(foreign, cfg, params, optimizer)
 
 
 def test_ocr_reward_scores_a_failing_image_zero_and_raises_when_all_fail():
@@ -1917,11 +1953,10 @@ def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path, 
     ids = pipe.tokenizer("a photo of a blue cross and a red square").input_ids
     assert len(ids) == 12 and pipe.tokenizer.unk_token_id not in ids  # <bos>, one token per word, <eos>
     pipe.save_pretrained(str(model))
-    crd.check_model(crd.tiny_geneval().model)  # the shipped model is a pipeline folder
+    plumbing.check_model(crd.tiny_geneval().model)  # the shipped model is a pipeline folder
     missing = str(tmp_path / "tiny-sd3-shapes")  # without it, the preset says how to make it
-    monkeypatch.setattr(crd, "SHAPES_MODEL", missing)
     with pytest.raises(crd.InputError, match="pretrain_tiny.py --world shapes"):
-        crd.check_model(missing)
+        plumbing.check_model(missing)
     cfg = dataclasses.replace(crd.tiny_geneval(), model=str(model), output_dir=str(tmp_path), iterations=2,
                               prompts_per_iteration=2, group_size=4, micro_batch_size=8, lora_rank=4, lora_alpha=8,
                               optimizer_steps_per_iteration=1, eval_count=12, eval_start=38, num_steps=4,

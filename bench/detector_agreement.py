@@ -16,6 +16,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import crd  # noqa: E402
+import plumbing  # noqa: E402
 import reward  # noqa: E402
 
 
@@ -27,11 +28,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = crd.tiny_geneval()
     pipe = crd.load_pipeline(args.model)
-    prompts = crd.read_prompts(args.prompts)[: args.count]
-    embeds, pooled = crd.encode_prompts(pipe, prompts, cfg.max_sequence_length)
-    latents = crd.sample_latents(pipe, embeds, pooled, range(len(prompts)), cfg.height, cfg.width,
-                                 cfg.eval_num_steps, 1.0, cfg.max_sequence_length)
-    images = crd.decode_latents(pipe, latents)
+    prompts = plumbing.read_prompts(args.prompts)[: args.count]
+    images = crd.generate(pipe, prompts, range(len(prompts)), cfg.height, cfg.width, cfg.eval_num_steps, 1.0,
+                          cfg.max_sequence_length)
     (trained, trained_info), (unseen, unseen_info) = (reward.make_reward(name)(images, prompts)
                                                       for name in ("geneval_shapes", "geneval_shapes_poly"))
     verdicts = trained_info["geneval/correct"].numpy(), unseen_info["geneval/correct"].numpy()

@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import crd  # noqa: E402
+import plumbing  # noqa: E402
 from tools.pretrain_tiny import build_tokenizer  # noqa: E402
 
 CONFIGS = os.path.join(HERE, "sd35m_configs")
@@ -94,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default="", help="where the random pipeline is saved (default: a temp folder)")
     args = parser.parse_args(argv)
     full = args.scale == "full"
-    device = crd.pick_device("auto")
+    device = plumbing.pick_device("auto")
     if full and device.type != "cuda":
         raise SystemExit("bench/full_size.py: the full scale needs a CUDA GPU (SD3.5-M in bf16); use --scale tiny")
     with tempfile.TemporaryDirectory(prefix="crd-full-size-") as scratch:  # ~16 GB at full size: removed after
@@ -122,7 +123,7 @@ def run(args, workdir, full, device):
         torch.cuda.reset_peak_memory_stats()
     metrics = crd.main(cfg)
     timed = metrics[1:] or metrics
-    mean = {k: sum(m.get(f"time/{k}", 0.0) for m in timed) / len(timed) for k in crd.TIME_PARTS + ("iteration",)}
+    mean = {k: sum(m.get(f"time/{k}", 0.0) for m in timed) / len(timed) for k in plumbing.TIME_PARTS + ("iteration",)}
     images = cfg.prompts_per_iteration * cfg.group_size
     eval_time = metrics[0].get("time/eval", 0.0)  # iteration 0 starts with an evaluation of eval_count prompts
     train_parts = {k: mean[k] for k in ("sample", "reward", "train", "other")}

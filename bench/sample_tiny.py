@@ -11,16 +11,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crd  # noqa: E402
+import plumbing  # noqa: E402
 
 pipe = crd.load_pipeline(crd.TINY_MODEL)
-prompts = crd.read_prompts(os.path.join(crd.TINY_DATA, "heldout.txt"))[:16]
+prompts = plumbing.read_prompts(os.path.join(crd.TINY_DATA, "heldout.txt"))[:16]
 times = []
 for run in range(6):
     start = time.perf_counter()
-    with torch.no_grad():
-        embeds, pooled = crd.encode_prompts(pipe, prompts, 2)
-        latents = crd.sample_latents(pipe, embeds, pooled, range(16), 32, 96, 10, 1.0, 2)
-        images = crd.decode_latents(pipe, latents)
+    images = crd.generate(pipe, prompts, range(16), 32, 96, 10, 1.0, 2)
     if run:
         times.append(time.perf_counter() - start)
 print(f"16 images, 10 steps, no CFG: median {statistics.median(times):.2f}s over {len(times)} runs "

@@ -32,6 +32,7 @@ step 3,500: ~30 min on 2 cores; its log is assets/tiny-sd3-shapes/pretrain_log.j
 """
 import argparse
 import copy
+import functools
 import json
 import os
 import random
@@ -47,6 +48,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import crd  # noqa: E402
+import plumbing  # noqa: E402
 from reward import make_reward  # noqa: E402
 
 HEIGHT, WIDTH = 32, 96  # the text world; the shapes world is 64 x 64
@@ -309,8 +311,9 @@ def main():
         if step >= args.eval_from and (step - args.eval_from) % args.eval_every == 0:
             for m in modules:
                 m.eval()
-            result = crd.evaluate(pipe, reward_fn, val_prompts, world["height"], world["width"], num_steps=10,
-                                  max_sequence_length=MAX_SEQUENCE_LENGTH, seed=10_000)
+            images_for = functools.partial(crd.generate, pipe, height=world["height"], width=world["width"],
+                                           num_steps=10, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            result = plumbing.evaluate(images_for, reward_fn, val_prompts, seed=10_000)
             history.append({"step": step, "val_reward": result["reward"], "val_exact": result["exact"],
                             "seconds": round(time.time() - started)} | result["tag_mean"])
             print(f"step {step}: validation {world['reward']} reward {result['reward']:.3f} "

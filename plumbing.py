@@ -1,0 +1,701 @@
+"""Plumbing for crd.py, not part of CRD: input checks and the command line, the run directory (metrics.jsonl,
+grids, console), held-out evaluation, checkpoints and resume, curves and live logging, torchrun, signals.
+
+crd.py holds the whole algorithm and imports what it needs from here; nothing here imports crd.py, so a fork
+that changes the algorithm touches only crd.py. Read crd.py first.
+"""
+import argparse
+import ast
+import collections
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+class InputError(ValueError):
+    """A mistake in what the user passed: a flag, a file, a checkpoint, a model or LoRA folder, the environment.
+
+    The command line prints it as one line with no traceback and exits with status 2; bugs keep their traceback.
+    """
+
+
+# -- the run directory --------------------------------------------------------------------------------------------
+TIME_PARTS = ("sample", "reward", "train", "eval", "other")
+
+
+class RunDirectory:
+    """What a run writes under runs/<run_name>/ and prints, kept out of main(): metrics.jsonl (one line per
+    iteration), the samples_* and eval_* grids, checkpoint.pt, the LoRA, the curves, the console lines and the
+    optional live tracker (--log-to). Only rank 0 writes and prints."""
+
+    def __init__(self, cfg, rank, world_size, device):
+        from tqdm import tqdm
+
+        from reward import parse_reward_spec
+
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.dir = os.path.join(cfg.output_dir, cfg.run_name)
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        self.metrics, self.tracker, self.started = [], Tracker("", self.dir, cfg), 0.0
+        self.say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
+        os.makedirs(self.dir, exist_ok=True)
+        unseen = [name for name in cfg.eval_rewards.split(",") if name]
+        reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
+        uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in parse_reward_spec(cfg.reward)] + unseen)
+        self.say(f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
+                 f"evaluation: {', '.join(unseen) or 'none'}")
+
+    def start(self, params, optimizer):
+        """The counters {"iteration", "step"}: zeros, or those of --resume's checkpoint, whose LoRA weights and
+        optimizer state are loaded; metrics.jsonl keeps its lines before the checkpoint's iteration."""
+        cfg, state = self.cfg, {"iteration": 0, "step": 0}
+        n_local, passes, passes_per_step = cfg.sizes(self.world_size)
+        what = {"crd": "CRD", "nft": "DiffusionNFT baseline", "anchor": "reward-free control"}[cfg.objective]
+        self.say(f"{what} on {self.world_size} x {self.device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} "
+                 f"samples = {cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per "
+                 f"process; {passes} passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per "
+                 f"process -> {cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated "
+                 f"passes")
+        resume = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
+        if resume:
+            state = load_checkpoint(resume, cfg, params, optimizer)
+            self.say(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
+            if os.path.isfile(self.metrics_path):  # keep the history up to the checkpoint, drop what came after
+                with open(self.metrics_path) as f:
+                    self.metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
+        if self.rank == 0:
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in self.metrics)
+            self.tracker = Tracker(cfg.log_to, self.dir, cfg)
+        return state
+
+    def progress(self, first):
+        """Iterations first .. cfg.iterations - 1 under a tqdm bar (rank 0), each one's start time noted."""
+        from tqdm import tqdm
+
+        for iteration in tqdm(range(first, self.cfg.iterations), desc="CRD", initial=first,
+                              total=self.cfg.iterations, disable=self.rank != 0):
+            self.started = time.time()
+            yield iteration
+
+    @contextlib.contextmanager
+    def timed(self, log, part):
+        """log["time/<part>"] = seconds spent in the with-block (one of TIME_PARTS)."""
+        t0 = time.time()
+        yield
+        log[f"time/{part}"] = time.time() - t0
+
+    def evaluate(self, held_out, iteration, log):
+        """Score theta on the held-out prompts (rank 0; `held_out` is `evaluate` with its arguments bound), save the
+        grid as eval_<iteration>.png and add the eval/* entries to `log`; every rank waits for it."""
+        if self.rank == 0:
+            t0 = time.time()
+            result = held_out()
+            result["grid"].save(os.path.join(self.dir, f"eval_{iteration:04d}.png"))
+            self.tracker.log({}, iteration, images={"eval/grid": result["grid"]})
+            log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
+                        "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
+                        **{f"eval/{k}": v for k, v in result["unseen"].items() | result["per_image"].items()},
+                        **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
+                           for k, v in values.items()}, "time/eval": time.time() - t0})
+            self.say(f"iteration {iteration}: held-out {self.cfg.reward} reward {result['reward']:.4f} "
+                     f"(exact {result['exact']:.3f}, {result['n']} prompts)"
+                     + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
+        barrier(self.world_size)
+
+    def evaluate_only(self, pipe, held_out, lora=""):
+        """--eval: score the base model, or it with a saved LoRA, on the held-out prompts; write eval_grid.png and
+        eval.json, print the scores (per GenEval tag when the prompts carry one). Returns `evaluate`'s dict."""
+        cfg = self.cfg
+        if lora:
+            pipe.load_lora_weights(lora)
+        result = held_out()
+        result["grid"].save(os.path.join(self.dir, "eval_grid.png"))
+        with open(os.path.join(self.dir, "eval.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
+                "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
+        self.say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
+                 f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
+                 + "".join(f", {k} {v:.4f}" for k, v in result["per_image"].items())
+                 + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
+                 + f"; grid in {self.dir}/eval_grid.png")
+        for tag, values in result["per_tag"].items():  # GenEval: one line per tag, then the mean over tags
+            self.say(f"  {tag:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if result["tag_mean"]:
+            self.say(f"  {'mean of tags':14s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["tag_mean"].items()))
+        return result
+
+    def end_iteration(self, log, state, params, optimizer, images, prompts, rewards):
+        """After an iteration (rank 0): a grid of its rollouts every --sample-every, checkpoint.pt every
+        --checkpoint-every, at the end and when a stop was requested; its line of metrics.jsonl, the tracker and the
+        console. Returns True if a SIGINT / SIGTERM asked the run to stop (the checkpoint is then written)."""
+        cfg, iteration, stopping = self.cfg, log["iteration"], bool(STOP_REQUESTED)  # read once: stop => checkpoint
+        if self.rank == 0:
+            if iteration % cfg.sample_every == 0:
+                captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
+                image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
+                    os.path.join(self.dir, f"samples_{iteration:04d}.png"))
+            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or stopping:
+                save_checkpoint(self.checkpoint_path, cfg, params, optimizer, state)
+            log["time/iteration"] = time.time() - self.started
+            log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in TIME_PARTS[:-1])
+            self.metrics.append(log)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            self.tracker.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, iteration)
+            self.say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
+                     f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
+                     f"r^ std {log.get('implicit_reward/std', math.nan):.4f} "
+                     f"corr {log.get('crd/corr', math.nan):+.3f} expl {log.get('crd/explained', math.nan):+.3f} | "
+                     f"eta old {log['ema/eta_old']:.3f} samp {log['ema/eta_sampler']:.3f} | "
+                     f"{log['time/iteration']:.1f}s")
+        if stopping:
+            self.say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
+                     f"plus --resume auto")
+            self.tracker.close()
+        return stopping
+
+    def finish(self, transformer):
+        """After the last iteration (rank 0): save theta's LoRA, the reward curve and the diagnostics, print the
+        time split."""
+        if self.rank == 0:
+            save_lora(transformer, os.path.join(self.dir, "lora"))
+            plot_rewards(self.metrics, os.path.join(self.dir, "reward_curve.png"))
+            plot_diagnostics(self.metrics, os.path.join(self.dir, "diagnostics.png"))
+            totals = {k: sum(m.get(f"time/{k}", 0.0) for m in self.metrics) for k in TIME_PARTS}
+            self.say("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}"
+                                                for k, v in totals.items())
+                     + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {self.cfg.reward}, "
+                     "train = forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
+            self.say(f"done: LoRA in {self.dir}/lora, curve in {self.dir}/reward_curve.png, metrics in "
+                     f"{self.metrics_path}")
+        self.tracker.close()
+
+
+def evaluation_due(iteration, first, eval_every):
+    """A held-out evaluation before this iteration? Before the first iteration of a fresh run, then every
+    eval_every iterations (0: never in between); a resumed run does not repeat the one at the iteration it starts
+    from. main() also evaluates after the last iteration."""
+    return iteration == first == 0 or bool(eval_every and iteration % eval_every == 0 and iteration != first)
+
+
+def make_rewards(cfg, device, rank=0):
+    """(the trained reward's function, {name: function} of the unseen metrics, built on rank 0 only), from
+    reward.make_reward with --reward-options."""
+    from reward import make_reward, parse_reward_options
+
+    options = parse_reward_options(cfg.reward_options)
+    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection, options)
+    return reward_fn, {name: make_reward(name, device, cfg.ocr_detection, options)
+                       for name in cfg.eval_rewards.split(",") if name and rank == 0}
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
+def caption(prompt, length=12):
+    """The first `length` characters of a prompt's text (a JSON metadata line gives its "prompt")."""
+    from reward import prompt_text
+
+    return prompt_text(prompt).strip()[:length]
+
+
+def image_grid(images, captions, columns=8, caption_height=12):
+    """Tile PIL images into one captioned grid image ("prompt | reward" under each picture)."""
+    from PIL import Image, ImageDraw
+
+    width, height = images[0].size
+    cell_width = max(width, 96)
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * cell_width, rows * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell_width, (i // columns) * (height + caption_height)
+        grid.paste(image, (x, y))
+        draw.text((x + 1, y + height), caption[: cell_width // 6], fill="black")
+    return grid
+
+
+@torch.no_grad()
+def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, unseen=None):
+    """Score a model on a prompt set; `generate(prompts, seeds)` returns one PIL image per prompt (crd.generate with
+    the model bound).
+
+    Samples one image per prompt with seeds seed, seed+1, ... (the same noise for every model compared), scores
+    them with `reward_fn` and returns dict(reward=mean in [0, 1], exact=fraction scoring 1.0, n=len(prompts),
+    rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples, two reward-hacking signs:
+    pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02),
+    unseen={name: mean reward} for the rewards of `unseen` ({name: reward fn}, scored on the same images),
+    per_image={key: mean} for per-image info of the reward (e.g. GenEval's binary geneval/correct), and, when the
+    prompts carry a GenEval "tag", per_tag={tag: {"reward": mean, key: mean, ...}} and tag_mean={same keys: mean
+    over the tags} (GenEval's overall score is the mean over its six tags of geneval/correct).
+    """
+    from reward import prompt_tag
+
+    rewards, images, pixel_stds, per_image = [], [], [], collections.defaultdict(list)
+    unseen_rewards = {name: [] for name in (unseen or {})}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        batch_images = generate(batch, range(seed + start, seed + start + len(batch)))
+        batch_rewards, info = reward_fn(batch_images, batch)
+        rewards.append(batch_rewards)
+        for key, value in info.items():
+            if torch.is_tensor(value) and value.shape == batch_rewards.shape:
+                per_image[key].append(value.float())
+        for name, fn in (unseen or {}).items():
+            unseen_rewards[name].append(fn(batch_images, batch)[0])
+        pixel_stds += [float(np.asarray(im.convert("L"), dtype=np.float32).std() / 255) for im in batch_images]
+        images += batch_images[: max(grid_size - len(images), 0)]
+    rewards = torch.cat(rewards)
+    values = {"reward": rewards} | {key: torch.cat(parts) for key, parts in per_image.items()}
+    tags = [prompt_tag(p) for p in prompts]
+    per_tag = {tag: {key: float(v[[t == tag for t in tags]].mean()) for key, v in values.items()}
+               for tag in sorted({t for t in tags if t is not None})}
+    captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
+    return {"reward": float(rewards.mean()), "exact": float((rewards == 1.0).float().mean()), "n": len(prompts),
+            "pixel_std": float(np.mean(pixel_stds)), "blank": float(np.mean(np.array(pixel_stds) < 0.02)),
+            "unseen": {name: float(torch.cat(parts).mean()) for name, parts in unseen_rewards.items()},
+            "per_image": {key: float(v.mean()) for key, v in values.items() if key != "reward"},
+            "per_tag": per_tag, "tag_mean": {key: float(np.mean([t[key] for t in per_tag.values()]))
+                                             for key in values} if per_tag else {},
+            "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "eval_start", "eval_rewards", "sample_every",
+                     "checkpoint_every", "device", "output_dir"}  # fields a resumed run may change; others refused
+
+
+def save_checkpoint(path, cfg, params, optimizer, state):
+    """Write one dict (LoRA weights of theta / old / sampler, optimizer, config, counters) atomically."""
+    checkpoint = {"config": dataclasses.asdict(cfg), "state": dict(state), "optimizer": optimizer.state_dict(),
+                  "lora": {name: [p.detach().cpu().clone() for p in ps] for name, ps in params.items()}}
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+CHECKPOINT_KEYS = {"config", "state", "optimizer", "lora"}
+
+
+def load_checkpoint(path, cfg, params, optimizer):
+    """Restore what save_checkpoint wrote (tensors, numbers, strings, lists and dicts only: `weights_only=True`,
+    so a checkpoint carrying pickled code is refused, not run). Raises InputError naming the file if it is corrupt
+    or not a CRD checkpoint, and naming the Config fields that changed the algorithm."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign, or carrying objects other than tensors and plain data
+        detail = str(error).strip().splitlines()[0][:160]
+        raise InputError(f"--resume {path}: not a readable CRD checkpoint ({type(error).__name__}: {detail}); pass "
+                         f"a checkpoint.pt written by crd.py") from None
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+        raise InputError(f"--resume {path}: not a CRD checkpoint (expected the keys {sorted(CHECKPOINT_KEYS)})")
+    changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in checkpoint["config"].items()
+               if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
+    if changed:
+        raise InputError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(changed)}")
+    with torch.no_grad():
+        for name, tensors in checkpoint["lora"].items():
+            for p, t in zip(params[name], tensors):
+                p.copy_(t)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["state"]
+
+
+def save_lora(transformer, directory):
+    """Save the theta adapter so that `StableDiffusion3Pipeline.load_lora_weights(directory)` loads it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, adapter_name="theta")
+    metadata = transformer.peft_config["theta"].to_dict()  # NOTE: carries lora_alpha; without it, scale 1 not alpha/r
+    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata=metadata)
+
+
+# -- curves and live logging -------------------------------------------------------------------------------------
+def plot_rewards(metrics, path):
+    """Reward curve: training reward per iteration and held-out evaluation reward, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(m["iteration"], m["reward/mean"]) for m in metrics if "reward/mean" in m]
+    held_out = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
+    if train:
+        ax.plot(*zip(*train), label="training rollouts (sampler)", alpha=0.6)
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out prompts (theta, no CFG)")
+    eval_keys = {"eval/reward", "eval/exact", "eval/iteration", "eval/pixel_std", "eval/blank"}
+    for key in sorted({k for m in metrics for k in m if k.startswith("eval/") and k not in eval_keys
+                       and "/" not in k[5:]}):  # eval/<name>: an unseen metric
+        ax.plot(*zip(*[(m["eval/iteration"], m[key]) for m in metrics if key in m]), "s--",
+                label=f"held-out, unseen metric {key[5:]}")
+    ax.set(xlabel="iteration", ylabel="reward", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_diagnostics(metrics, path, window=10):
+    """Is the reward term of Eq. (7) learning? Four panels per iteration, saved as PNG: the within-group
+    correlation of r^ with r~ (with a running mean over `window` iterations), the explained fraction
+    1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA time constants (iterations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [m["iteration"] for m in metrics]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    panels = [(axes[0, 0], ["crd/corr"], "corr(R^, R) within groups"), (axes[0, 1], ["crd/explained"],
+              "explained fraction of R"), (axes[1, 0], ["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R"),
+              (axes[1, 1], ["ema/tau_old", "ema/tau_sampler"], "EMA time constant (iterations)")]
+    for ax, keys, title in panels:
+        for key in keys:
+            values = np.array([m.get(key, math.nan) for m in metrics], dtype=float)
+            ax.plot(its, values, alpha=0.5, label=key)
+            if key == "crd/corr" and len(values) >= window:
+                smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
+                ax.plot(its[window - 1:], smooth, "k-", label=f"running mean of {window}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=title, xlabel="iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1, 1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Tracker:
+    """Live curves for --log-to tensorboard|wandb: the keys of metrics.jsonl and the held-out grids, per iteration.
+
+    kind '' (or a rank other than 0) makes every call a no-op; metrics.jsonl stays the record either way.
+    """
+
+    def __init__(self, kind, run_dir, cfg):
+        self.kind, self.writer = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.writer = wandb.init(project="crd", name=cfg.run_name, dir=run_dir, config=dataclasses.asdict(cfg))
+
+    def log(self, values, step, images=None):
+        """values: {key: number}; images: {key: PIL image}."""
+        if self.kind == "tensorboard":
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            for key, image in (images or {}).items():
+                self.writer.add_image(key, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
+        elif self.kind == "wandb":
+            import wandb
+
+            self.writer.log(values | {k: wandb.Image(v) for k, v in (images or {}).items()}, step=step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.finish() if self.kind == "wandb" else self.writer.close()
+
+
+# -- distributed (torchrun): whole prompt groups per rank, rewards gathered before Eq. (6), gradients averaged ---
+def setup_distributed():
+    """(rank, world_size, local_rank) from torchrun's environment; a plain `python crd.py` is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), world_size, local_rank
+
+
+def all_gather(x, world_size):
+    """Concatenate a (n,) tensor from every rank, in rank order -> (world_size * n,)."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(parameters, world_size):
+    """What DDP does at backward: average the gradients over ranks (done by hand because the three LoRA adapters
+    switch requires_grad on and off, which DDP's reducer does not allow)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in parameters:
+        if p.grad is None:  # every pass of this rank was skipped (--skip-nonfinite)
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size)
+
+
+def barrier(world_size):
+    """Wait for every rank (no-op in a single process)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# -- signals -----------------------------------------------------------------------------------------------------
+STOP_REQUESTED = []  # filled by the SIGINT / SIGTERM handler; RunDirectory.end_iteration checks it
+
+
+def install_stop_handlers():
+    """Ctrl-C / SIGTERM: let the current iteration finish, write a checkpoint, exit; a second signal stops at once."""
+    def request_stop(signum, frame):
+        if STOP_REQUESTED:
+            raise KeyboardInterrupt
+        STOP_REQUESTED.append(signal.Signals(signum).name)
+        print(f"\n{STOP_REQUESTED[0]}: stopping after this iteration (send it again to stop now)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+
+
+# -- input checks: everything checked before loading a model -----------------------------------------------------
+POSITIVE_FIELDS = {"iterations", "height", "width", "lora_rank", "lora_alpha", "prompts_per_iteration", "group_size",
+                   "num_steps", "eval_count", "eval_num_steps", "guidance_scale", "eval_guidance_scale", "beta",
+                   "nft_beta", "train_timesteps", "timestep_range", "learning_rate", "adam_eps", "max_grad_norm",
+                   "optimizer_steps_per_iteration", "micro_batch_size", "sample_batch_size", "sample_every",
+                   "checkpoint_every", "max_sequence_length"}
+
+
+NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "kl_beta", "kl_cfg", "weight_decay",
+                       "old_decay_rate", "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
+
+
+FRACTION_FIELDS = {"adam_beta1", "adam_beta2", "old_decay_start", "old_decay_max", "sampler_decay_max"}
+
+
+def check_config(cfg, world_size=1):
+    """Raise InputError naming the field and the fix for impossible settings of `cfg` (a crd.Config), before any
+    expensive work."""
+    for f in dataclasses.fields(cfg):  # ranges first: every later check may divide by these
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name in POSITIVE_FIELDS and not value > 0:
+            raise InputError(f"{flag} {value} must be > 0")
+        if f.name in NON_NEGATIVE_FIELDS and not value >= 0:
+            raise InputError(f"{flag} {value} must be >= 0")
+        if f.name in FRACTION_FIELDS and not 0 <= value < 1:
+            raise InputError(f"{flag} {value} must be in [0, 1)")
+    if cfg.timestep_range > 1:
+        raise InputError(f"--timestep-range {cfg.timestep_range} must be in (0, 1]")
+    if cfg.group_size < 2:
+        raise InputError(f"--group-size {cfg.group_size}: centring within a prompt needs K >= 2 samples")
+    if cfg.micro_batch_size % cfg.group_size:
+        raise InputError(f"--micro-batch-size {cfg.micro_batch_size} is not a multiple of --group-size "
+                         f"{cfg.group_size}: micro-batches must hold whole prompt groups")
+    if cfg.prompts_per_iteration % world_size:
+        raise InputError(f"--prompts-per-iteration {cfg.prompts_per_iteration} is not divisible by the "
+                         f"{world_size} processes")
+    samples, passes, _ = cfg.sizes(world_size)
+    if samples % cfg.micro_batch_size:
+        raise InputError(f"{samples} samples per process are not a whole number of micro-batches of "
+                         f"{cfg.micro_batch_size}; change --micro-batch-size or --prompts-per-iteration")
+    if passes % cfg.optimizer_steps_per_iteration:
+        raise InputError(f"{passes} forward/backward passes per iteration cannot be split into "
+                         f"{cfg.optimizer_steps_per_iteration} optimizer steps; change "
+                         f"--optimizer-steps-per-iteration or --train-timesteps")
+    if not 1 <= cfg.train_timesteps <= int(cfg.timestep_range * cfg.num_steps):
+        raise InputError(f"--train-timesteps {cfg.train_timesteps} must be in [1, "
+                         f"{int(cfg.timestep_range * cfg.num_steps)}] (the kept schedule steps)")
+    for name, value, allowed in (("centering", cfg.centering, ("prompt", "batch")),
+                                 ("objective", cfg.objective, ("crd", "nft", "anchor")),
+                                 ("loss-type", cfg.loss_type, ("mse", "bce")),
+                                 ("kl-reward", cfg.kl_reward, ("normalized", "raw")),
+                                 ("mixed-precision", cfg.mixed_precision, ("no", "bf16")),
+                                 ("log-to", cfg.log_to, ("", "tensorboard", "wandb"))):
+        if value not in allowed:
+            raise InputError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def pick_device(name, local_rank=0, world_size=1):
+    """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device. Under torchrun
+    on GPUs each process takes cuda:<local_rank>."""
+    if name != "auto":
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and world_size > 1 else device
+
+
+def read_prompts(path):
+    """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
+    if not path:
+        raise InputError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
+                         "prompts of the paper are not shipped, and data/ocr_test.txt is for evaluation only)")
+    if not os.path.isfile(path):
+        raise InputError(f"prompt file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise InputError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    if not prompts:
+        raise InputError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
+    return prompts
+
+
+def check_model(model):
+    """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline."""
+    looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
+    if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
+        if os.path.basename(os.path.normpath(model)) == "tiny-sd3-shapes":  # crd.SHAPES_MODEL: say how to remake it
+            raise InputError(f"the shapes model {model} is missing: make it with `python "
+                             f"tools/pretrain_tiny.py --world shapes` (~30 min on 2 cores), or pass --model")
+        raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
+                         f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
+
+
+def check_inputs(cfg, world_size=1, training=True, lora=""):
+    """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
+
+    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
+    """
+    import reward
+
+    check_config(cfg, world_size)
+    check_model(cfg.model)
+    unseen = [name for name in cfg.eval_rewards.split(",") if name]
+    for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
+        try:
+            reward.parse_reward_spec(spec)
+        except ValueError as error:
+            raise InputError(f"{flag} {spec!r}: {error}") from None
+    try:
+        reward.parse_reward_options(cfg.reward_options)
+    except ValueError as error:
+        raise InputError(f"--reward-options: {error}") from None
+    if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
+        raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
+    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+        raise InputError(f"--lora {lora!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
+                         f"wrote (runs/NAME/lora)")
+    resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+    if training and resume and not os.path.isfile(resume):
+        raise InputError(f"--resume {resume!r}: no such checkpoint")
+    prompts = read_prompts(cfg.prompts) if training else []
+    eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
+    if not eval_prompts:
+        raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
+    for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
+                                      (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
+        for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
+            try:
+                reward.check_prompts(spec, items, start)
+            except ValueError as error:
+                raise InputError(f"{path}: {error}") from None
+    if training and len(prompts) < cfg.prompts_per_iteration:
+        raise InputError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
+                         f"{cfg.prompts_per_iteration}")
+    return prompts, eval_prompts
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def field_docs(cls):
+    """The comment after each dataclass field, with the comment lines aligned under it, read from the source (used
+    as --help text): {field name: text}."""
+    lines = inspect.getsource(cls).splitlines()
+    docs = {}
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and (column := lines[node.lineno - 1].find("#", node.end_col_offset)) > 0:
+            text = [lines[node.lineno - 1][column + 1:].strip()]
+            for line in lines[node.lineno:]:  # continuation: a comment alone on its line, in the same column
+                if line.find("#") != column or line[:column].strip():
+                    break
+                text.append(line[column + 1:].strip())
+            docs[node.target.id] = " ".join(text)
+    return docs
+
+
+def parse_args(config_class, presets, argv=None, description=""):
+    """(config, the other arguments) from the command line: --preset picks the defaults (`presets`: {name: function
+    returning a config}, the first is the default), every field of the dataclass `config_class` is a --flag."""
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default=next(iter(presets)), choices=sorted(presets))
+    preset, _ = preset_parser.parse_known_args(argv)
+    defaults, docs = presets[preset.preset](), field_docs(config_class)
+    parser = argparse.ArgumentParser(description=description, parents=[preset_parser])
+    parser.add_argument("--eval", action="store_true", help="only evaluate --model (+ --lora) on --eval-prompts")
+    parser.add_argument("--lora", default="", help="with --eval: a LoRA folder saved by a run (runs/NAME/lora)")
+    parser.add_argument("--verbose", action="store_true", help="show every library warning and progress bar")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors (also CRD_DEBUG=1)")
+    for f in dataclasses.fields(config_class):
+        value, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        text = docs[f.name].replace("%", "%%")  # argparse formats help with %: a bare % would crash --help
+        if isinstance(value, bool):
+            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, default=value, type=type(value),
+                                help=f"{text} (default: {str(value).replace('%', '%%')})")
+    args = parser.parse_args(argv)
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}), args
+
+
+def quiet_known_warnings():
+    """Silence, at their source, the library messages a user cannot act on (a run still prints tqdm and one line per
+    iteration); --verbose keeps them."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", module="peft")  # 3 adapters
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)  # EasyOCR's LSTM
+    warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)  # EasyOCR's loader on a CPU
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def cli(main, config_class, presets, argv=None, description=""):
+    """`python crd.py ...`: parse the flags (see parse_args) and run `main(config, eval_only, lora)`. Input mistakes
+    (InputError) and a diverged run (FloatingPointError) print one line and return exit status 2; --debug (or
+    CRD_DEBUG=1) shows their traceback. Bugs always keep theirs."""
+    argv = sys.argv[1:] if argv is None else argv
+    config, args = parse_args(config_class, presets, argv, description)
+    if not args.verbose:
+        quiet_known_warnings()
+    install_stop_handlers()
+    try:
+        main(config, eval_only=args.eval, lora=args.lora)
+    except (InputError, FloatingPointError) as error:
+        if args.debug or os.environ.get("CRD_DEBUG"):
+            raise
+        if isinstance(error, FloatingPointError):  # a diverged run: say where its last good state is
+            error = (f"{error}; the last good state is {os.path.join(config.output_dir, config.run_name)}/"
+                     f"checkpoint.pt (resume with --resume auto, add --skip-nonfinite to skip such passes)")
+        print(f"crd.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
