@@ -106,7 +106,7 @@ class RunDirectory:
             self.tracker.log({}, iteration, images={"eval/grid": result["grid"]})
             log.update({"eval/reward": result["reward"], "eval/exact": result["exact"], "eval/iteration": iteration,
                         "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
-                        **{f"eval/{k}": v for k, v in result["unseen"].items() | result["per_image"].items()},
+                        **{f"eval/{k}": v for k, v in {**result["unseen"], **result["per_image"]}.items()},
                         **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
                            for k, v in values.items()}, "time/eval": time.time() - t0})
             self.say(f"iteration {iteration}: held-out {self.cfg.reward} reward {result['reward']:.4f} "

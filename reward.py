@@ -681,8 +681,8 @@ def _load_pretrained(loader, source, what):
     """`loader.from_pretrained(source)`, or a RuntimeError naming `source` and saying how to load it offline."""
     import os
 
-    hint = (f"Pass the path of a local folder holding it (written with save_pretrained) in place of the hub id, "
-            f"or, offline with the files already in the Hugging Face cache, set HF_HUB_OFFLINE=1.")
+    hint = ("Pass the path of a local folder holding it (written with save_pretrained) in place of the hub id, "
+            "or, offline with the files already in the Hugging Face cache, set HF_HUB_OFFLINE=1.")
     if (os.path.isabs(source) or source.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(source)):
         raise RuntimeError(f"cannot load the {what} {source!r}: no such folder. {hint}")
     try:
