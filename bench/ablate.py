@@ -84,17 +84,22 @@ def run(variants, seeds, iterations, out, preset="tiny_ocr"):
             subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True)
 
 
-def final_eval(run_dir, start=0):
-    """Score the run's final LoRA on held-out prompts start+1 ... start+256 (once; cached in
-    <run>/final[-START]/eval.json)."""
-    folder = os.path.join(run_dir, "final" + (f"-{start}" if start else ""))
-    path = os.path.join(folder, "eval.json")
+def cached_eval(run_dir, name, flags):
+    """`crd.py --eval` of the run's final LoRA with `flags` (theta, no CFG, seeds 0, 1, ...), once: cached in
+    <run>/NAME/eval.json. Returns that file's dict."""
+    run_dir = os.path.abspath(run_dir)
+    path = os.path.join(run_dir, name, "eval.json")
     if not os.path.isfile(path):
-        subprocess.run([sys.executable, "crd.py", "--eval", "--reward", "ocr", "--eval-start", str(start),
-                        "--output-dir", os.path.dirname(folder), "--lora", os.path.join(run_dir, "lora"),
-                        "--run-name", os.path.basename(folder)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "crd.py", "--eval", *flags, "--output-dir", run_dir, "--run-name", name,
+                        "--lora", os.path.join(run_dir, "lora")], cwd=ROOT, check=True)
     with open(path) as f:
         return json.load(f)
+
+
+def final_eval(run_dir, start=0):
+    """Score the run's final LoRA on held-out prompts start+1 ... start+256 (cached in <run>/final[-START]/)."""
+    return cached_eval(run_dir, "final" + (f"-{start}" if start else ""),
+                       ["--reward", "ocr", "--eval-start", str(start)])
 
 
 def final_scores(run_dir, metrics, iterations, rescore=False):
@@ -231,19 +236,12 @@ def geneval_prompt_sets(out):
 
 
 def geneval_final_eval(run_dir, name, prompts, count):
-    """Score the run's final LoRA on `prompts` (crd.py --eval --preset tiny_geneval, theta, no CFG, seeds 0, 1, ...)
-    once, with the unseen metric geneval_shapes_poly; cached in <run>/final-NAME/eval.json. Returns (GenEval score =
-    mean over tags of geneval/correct, partial credit = mean reward, the unseen detector's partial credit)."""
-    folder = os.path.join(run_dir, f"final-{name}")
-    path = os.path.join(folder, "eval.json")
-    if not os.path.isfile(path):
-        subprocess.run([sys.executable, "crd.py", "--eval", "--preset", "tiny_geneval", "--eval-prompts",
-                        os.path.relpath(prompts, ROOT), "--eval-count", str(count), "--eval-rewards",
-                        "geneval_shapes_poly", "--output-dir",
-                        os.path.relpath(run_dir, ROOT), "--run-name", f"final-{name}", "--lora",
-                        os.path.join(run_dir, "lora")], cwd=ROOT, check=True)
-    with open(path) as f:
-        result = json.load(f)
+    """Score the run's final LoRA on `prompts` (--preset tiny_geneval) with the unseen metric geneval_shapes_poly,
+    cached in <run>/final-NAME/. Returns (GenEval score = mean over tags of geneval/correct, partial credit = mean
+    reward, the unseen detector's partial credit)."""
+    result = cached_eval(run_dir, f"final-{name}", ["--preset", "tiny_geneval", "--eval-prompts",
+                                                    os.path.abspath(prompts), "--eval-count", str(count),
+                                                    "--eval-rewards", "geneval_shapes_poly"])
     return result["tag_mean"]["geneval/correct"], result["reward"], result["unseen"]["geneval_shapes_poly"]
 
 
