@@ -89,7 +89,7 @@ class Config:
     output_dir: str = "runs"  # where runs/<run_name>/ is written
     seed: int = 0  # seeds every draw of the run (prompts, sampling noise, training noise)
     device: str = "auto"  # auto (cuda > mps > cpu), or a torch device string
-    iterations: int = 75  # number of CRD iterations (Alg. 1 outer loop)
+    iterations: int = 150  # number of CRD iterations (Alg. 1 outer loop)
     resume: str = ""  # checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)
     # model
     model: str = TINY_MODEL  # diffusers StableDiffusion3Pipeline: local directory or hub id
@@ -142,6 +142,9 @@ class Config:
     centering: str = "prompt"  # Eq. (7) centring: 'prompt' (within each group of K) or 'batch' (over the micro-batch,
                                # the port)
     loss_type: str = "mse"  # Eq. (7) regression: 'mse' or 'bce' (BCEWithLogits(beta R^, sigmoid(R)))
+    time_weighting: str = "uniform"  # lambda(sigma), the weight of each sample's Eq. (7) term by its noise level:
+                                     # 'uniform' (the port) or 'sigma' (at theta = old the gradient is then
+                                     # DiffusionNFT's)
     train_timesteps: int = 3  # T: training timesteps per sample per iteration, from the sampler schedule
     shared_timesteps: bool = True  # all samples of a pass share its sigma (the port), so centring compares samples at
                                    # one noise level; off: each sample draws its own
@@ -154,12 +157,13 @@ class Config:
     slow_reference: bool = True  # old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration
     old_decay_start: float = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8)
     old_decay_rate: float = 0.005  # see old_decay_start
-    old_decay_max: float = 0.999  # see old_decay_start
+    old_decay_max: float = 0.5  # see old_decay_start (0.5: the port's generic cap; its OCR recipe's 0.999 is for runs
+                                # of thousands of steps, as in sd35m_ocr)
     decoupled_sampler: bool = True  # rollouts from an EMA sampler snapshot with eta_samp of Eq. (8); off: rollouts from
                                     # theta
     sampler_decay_delay: int = 75  # eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)
     sampler_decay_rate: float = 0.0075  # see sampler_decay_delay
-    sampler_decay_max: float = 0.999  # see sampler_decay_delay
+    sampler_decay_max: float = 0.5  # see sampler_decay_delay (0.5 as old_decay_max)
     kl_beta: float = 0.1  # strength of the KL anchor to the pretrained model, Eq. (10); 0 switches the anchor off
     kl_cfg: float = 4.5  # CFG scale of the anchor's pretrained velocity, Eq. (9); 1.0 = anchor to the no-CFG model
     adaptive_kl: bool = True  # reward-adaptive KL weight of Eq. (10); off: kl_beta for every sample
@@ -204,7 +208,7 @@ def tiny_geneval():
         Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64,
         width=64, prompts=os.path.join(HERE, "data", "tiny_geneval", "train.jsonl"),
         eval_prompts=os.path.join(HERE, "data", "tiny_geneval", "heldout.jsonl"), reward="geneval_shapes",
-        eval_rewards="geneval_shapes_poly", kl_beta=2.0)
+        eval_rewards="geneval_shapes_poly", kl_beta=2.0, iterations=75, old_decay_max=0.999, sampler_decay_max=0.999)
 
 
 def sd35m_ocr():
@@ -215,7 +219,7 @@ def sd35m_ocr():
         group_size=24, num_steps=10, eval_num_steps=40, eval_count=1018, eval_every=20,
         prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), train_timesteps=9, learning_rate=3e-4,
         micro_batch_size=24, sample_batch_size=48, iterations=1000, sample_every=10, checkpoint_every=10,
-        prompt_cache=2048, ocr_detection=True)
+        prompt_cache=2048, ocr_detection=True, old_decay_max=0.999, sampler_decay_max=0.999)
 
 
 def sd35m_geneval():
@@ -289,19 +293,23 @@ def group_center(x, group_size, centering="prompt", detach_mean=False):
     return (groups - (mean.detach() if detach_mean else mean)).flatten()
 
 
-def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt", loss_type="mse"):
+def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt", loss_type="mse", weights=None):
     """Centered reward distillation loss, Eq. (7).
 
     implicit_rewards r^: (N,), with gradient; rewards r~: (N,) normalised external rewards in [0, 1] (Eq. 6);
     groups of `group_size` contiguous. R = r~ - mean_group r~, R^ = r^ - sg(mean_group r^);
-    mse: (5 / beta) mean (beta R^ - R)^2; bce: BCEWithLogits(beta R^, sigmoid(R)). Returns a scalar (fp32).
-    A constant added to the rewards (or implicit rewards) of one group does not change it.
+    mse: (5 / beta) mean lambda (beta R^ - R)^2; bce: the mean of lambda BCEWithLogits(beta R^, sigmoid(R)).
+    weights lambda: (N,) >= 0, e.g. each sample's sigma (--time-weighting sigma, Deviation 1); None = 1.
+    Returns a scalar (fp32). A constant added to the rewards (or implicit rewards) of one group does not change it.
     """
     target = group_center(rewards.float(), group_size, centering)
     predicted = beta * group_center(implicit_rewards.float(), group_size, centering, detach_mean=True)
     if loss_type == "bce":
-        return torch.nn.functional.binary_cross_entropy_with_logits(predicted, torch.sigmoid(target))
-    return (5.0 / beta) * ((predicted - target) ** 2).mean()
+        scale, per_sample = 1.0, torch.nn.functional.binary_cross_entropy_with_logits(
+            predicted, torch.sigmoid(target), reduction="none")
+    else:
+        scale, per_sample = 5.0 / beta, (predicted - target) ** 2
+    return scale * (per_sample if weights is None else weights.float() * per_sample).mean()
 
 
 def within_group_correlation(x, y, group_size):
@@ -643,7 +651,7 @@ def crd_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
         v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
     r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
     loss_crd = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta, cfg.centering,
-                        cfg.loss_type)  # Eq. (7)
+                        cfg.loss_type, sigma if cfg.time_weighting == "sigma" else None)  # Eq. (7)
     kl = cfg_anchor_kl(v_theta, *v_pre.chunk(2), cfg.kl_cfg)  # Eq. (9)
     loss_kl = (kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
     return loss_crd, loss_kl, kl, r_hat
@@ -736,6 +744,7 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, wher
             if finite(loss, "loss", cfg, where[0], where[1] + steps):
                 (loss / passes_per_step).backward()  # Alg. 1, line 6: backward / n_accum
                 log, fit = pass_diagnostics(loss_reward, loss_kl, kl, r_hat, batch["rewards_normalized"][mb], cfg)
+                log["crd/corr_fresh"] = log["crd/corr"] if steps == 0 else math.nan  # before this iteration's 1st step
                 logs.append(log)
                 fits.append(fit)
             else:

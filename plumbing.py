@@ -530,6 +530,7 @@ def check_config(cfg, world_size=1):
     for name, value, allowed in (("centering", cfg.centering, ("prompt", "batch")),
                                  ("objective", cfg.objective, ("crd", "nft", "anchor")),
                                  ("loss-type", cfg.loss_type, ("mse", "bce")),
+                                 ("time-weighting", cfg.time_weighting, ("uniform", "sigma")),
                                  ("kl-reward", cfg.kl_reward, ("normalized", "raw")),
                                  ("mixed-precision", cfg.mixed_precision, ("no", "bf16")),
                                  ("log-to", cfg.log_to, ("", "tensorboard", "wandb"))):

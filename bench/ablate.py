@@ -36,6 +36,10 @@ DOCS = os.path.join(ROOT, "docs")
 
 VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "crd": [],
+    "crd-sigma": ["--time-weighting", "sigma"],  # Eq. (7) weighted by sigma (at theta = old: DiffusionNFT's gradient)
+    "crd-uniform": ["--time-weighting", "uniform"],
+    "no-anchor-sigma": ["--kl-beta", "0", "--time-weighting", "sigma"],
+    "paper-schedules": ["--old-decay-max", "0.999", "--sampler-decay-max", "0.999"],  # Eq. (8) as the OCR recipe
     "nft": ["--objective", "nft"],  # DiffusionNFT loss (CRD_SPEC Appendix A), same sampler, reward and budget
     "anchor-only": ["--objective", "anchor", "--no-adaptive-kl"],  # reward-free: CFG-anchor KL alone
     "no-anchor": ["--kl-beta", "0"],
@@ -52,10 +56,14 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
 }
 
 
-def command(variant, seed, iterations, out, preset="tiny_ocr"):
+VAL_EVAL = ["--eval-prompts", "data/tiny_ocr/val.txt", "--eval-count", "128"]  # --eval-on val: choose on these
+
+
+def command(variant, seed, iterations, out, preset="tiny_ocr", eval_on="heldout"):
     task = ["--reward", "ocr"] if preset == "tiny_ocr" else ["--preset", preset]
     return ["python", "crd.py", *task, *VARIANTS[variant], "--seed", str(seed), "--iterations", str(iterations),
-            "--output-dir", os.path.relpath(out, ROOT), "--run-name", f"{variant}-s{seed}"]
+            *(VAL_EVAL if eval_on == "val" else []), "--output-dir", os.path.relpath(out, ROOT),
+            "--run-name", f"{variant}-s{seed}"]
 
 
 def read_metrics(run_dir):
@@ -70,14 +78,14 @@ def finished(run_dir, iterations):
     return any(m.get("eval/iteration") == iterations for m in read_metrics(run_dir))
 
 
-def run(variants, seeds, iterations, out, preset="tiny_ocr"):
+def run(variants, seeds, iterations, out, preset="tiny_ocr", eval_on="heldout"):
     for seed in seeds:  # seeds outermost: a partial grid still covers every variant
         for variant in variants:
             run_dir = os.path.join(out, f"{variant}-s{seed}")
             if finished(run_dir, iterations):
                 print(f"{variant} seed {seed}: done, skipped", flush=True)
                 continue
-            cmd = command(variant, seed, iterations, out, preset)
+            cmd = command(variant, seed, iterations, out, preset, eval_on)
             if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 cmd += ["--resume", "auto"]
             print(" ".join(cmd), flush=True)
@@ -290,6 +298,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablate"), help="where the runs live")
     parser.add_argument("--name", default="ablation", help="report files: docs/NAME.csv, NAME_runs.csv, NAME.png")
     parser.add_argument("--threshold", type=float, default=0.45, help="held-out reward counted as 'reached'")
+    parser.add_argument("--eval-on", default="heldout", choices=["heldout", "val"],
+                        help="prompts of the evaluations during each run: heldout (1-256, the crd.py default) or val "
+                             "(data/tiny_ocr/val.txt, 128: for choosing settings; the final LoRAs are then scored on "
+                             "both held-out halves by --report)")
     parser.add_argument("--preset", default="tiny_ocr", choices=["tiny_ocr", "tiny_geneval"],
                         help="the task: tiny_ocr (`crd.py --reward ocr`) or tiny_geneval (`crd.py --preset "
                              "tiny_geneval`, reported by GenEval score and tag)")
@@ -303,4 +315,4 @@ if __name__ == "__main__":
         if unknown:
             sys.exit(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
         run(args.variants.split(","), [int(s) for s in args.seeds.split(",")], args.iterations,
-            os.path.abspath(args.out), args.preset)
+            os.path.abspath(args.out), args.preset, args.eval_on)
