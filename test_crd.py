@@ -203,6 +203,38 @@ def test_crd_gradient_raises_likelihood_of_above_average_samples():
     assert errors[0] < 1.0 < errors[1]
 
 
+def test_at_theta_equal_old_nft_gradient_is_sigma_times_crd_and_sigma_weighting_makes_them_equal():
+    """At theta = old (beta_NFT = 1, both adaptive normalisations, prompt centring, no reward clipping), the gradient
+    of DiffusionNFT's loss with respect to v_theta is sigma times CRD's, sample by sample: CRD with uniform time
+    weighting gives the near-clean timesteps 1 / sigma times NFT's weight; --time-weighting sigma gives NFT's."""
+    x0, eps, v_old = randn(8, 2, 2, 2, seed=1), randn(8, 2, 2, 2, seed=2), randn(8, 2, 2, 2, seed=3)
+    sigma = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.3, 0.3, 0.3, 0.3])  # two passes' noise levels, one per group
+    r = crd.normalize_rewards(torch.rand(2, 4, generator=torch.Generator().manual_seed(4))).flatten()
+    assert 0.0 < r.min() and r.max() < 1.0  # no clipping, so the group mean of r~ is 0.5 and 2 r~ - 1 = 2 R
+
+    def gradient(loss_of):
+        v_theta = v_old.clone().requires_grad_(True)
+        loss_of(v_theta).backward()
+        return v_theta.grad
+
+    def crd_of(weights):
+        return lambda v: crd.crd_loss(crd.implicit_reward(v, v_old, eps - x0), r, 4, weights=weights)
+
+    nft = gradient(lambda v: crd.nft_loss(v, v_old, crd.interpolate(x0, eps, sigma), x0, sigma, r, beta=1.0))
+    uniform, weighted = gradient(crd_of(None)), gradient(crd_of(sigma))
+    assert nft.abs().max() > 1e-3
+    assert torch.allclose(nft, sigma.view(-1, 1, 1, 1) * uniform, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(nft, weighted, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(nft, uniform, rtol=1e-2)
+
+
+def test_crd_loss_weights_scale_each_sample_term():
+    r_hat, rewards = torch.tensor([0.1, 0.3]), torch.tensor([0.4, 0.6])  # per-sample terms (2.5 x) 0.01 each
+    assert crd.crd_loss(r_hat, rewards, 2, 2.0, weights=torch.tensor([1.0, 0.0])).item() == pytest.approx(0.0125)
+    assert crd.crd_loss(r_hat, rewards, 2, 2.0, weights=torch.ones(2)).item() == crd.crd_loss(r_hat, rewards, 2,
+                                                                                            2.0).item()
+
+
 def test_within_group_correlation_hand_values():
     y = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 5.0])  # second group constant: left out
     assert crd.within_group_correlation(torch.tensor([1.0, 2.0, 3.0, 0.0, 1.0, 2.0]), y, 3) == pytest.approx(1.0)
@@ -583,7 +615,9 @@ def test_main_end_to_end_then_exact_resume(tmp_path):
         assert (run / name).is_file(), name
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"reward/mean", "loss/crd", "loss/kl", "ema/eta_old", "time/sample", "time/train", "crd/corr",
-            "crd/explained", "ema/tau_old", "ema/tau_sampler"} <= set(logged[0])
+            "crd/explained", "crd/corr_fresh", "ema/tau_old", "ema/tau_sampler"} <= set(logged[0])
+    # before any update theta = old, so r^ = 0 ranks nothing; after one iteration it ranks fresh samples
+    assert math.isnan(logged[0]["crd/corr_fresh"]) and math.isfinite(logged[1]["crd/corr_fresh"])
     assert "eval/reward" in logged[0] and "eval/reward" in logged[-1]
     assert logged[0]["eval/ink"] == pytest.approx(straight[0]["eval/ink"]) and 0 < logged[0]["eval/ink"] < 1
     assert logged[0]["ema/tau_old"] == pytest.approx(1 / (1 - logged[0]["ema/eta_old"]))
