@@ -540,9 +540,17 @@ def check_config(cfg, world_size=1):
 
 def pick_device(name, local_rank=0, world_size=1):
     """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device. Under torchrun
-    on GPUs each process takes cuda:<local_rank>."""
+    on GPUs each process takes cuda:<local_rank>. Raises InputError for a name torch does not know, or a CUDA / MPS
+    device torch cannot find here (before any model loads)."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as error:
+            raise InputError(f"--device {name!r}: {error}; use auto, cpu, cuda or cuda:N") from None
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+        if available is not None and not available():
+            raise InputError(f"--device {name}: torch finds no {device.type.upper()} device here (torch "
+                             f"{torch.__version__}); use --device cpu, or auto to take the best one there is")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
@@ -553,8 +561,9 @@ def pick_device(name, local_rank=0, world_size=1):
 def read_prompts(path):
     """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
     if not path:
-        raise InputError("no prompt file: pass --prompts FILE (one training prompt per line; the OCR training "
-                         "prompts of the paper are not shipped, and data/ocr_test.txt is for evaluation only)")
+        raise InputError("no prompt file: pass --prompts FILE, one training prompt per line (the paper's OCR "
+                         "training prompts are Flow-GRPO's dataset/ocr/train.txt, MIT, not shipped here; "
+                         "data/ocr_test.txt is for evaluation only)")
     if not os.path.isfile(path):
         raise InputError(f"prompt file {path!r} does not exist")
     try:
@@ -578,6 +587,56 @@ def check_model(model):
                          f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
 
 
+def check_lora(folder):
+    """Raise InputError unless `folder` holds a readable pytorch_lora_weights.safetensors (what a run's lora/ has)."""
+    import safetensors.torch
+
+    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        raise InputError(f"--lora {folder!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
+                         f"wrote (runs/NAME/lora)")
+    try:
+        safetensors.torch.load_file(path)
+    except Exception as error:  # safetensors raises its own error type for a bad header or a truncated file
+        raise InputError(f"--lora: {path} is not a readable safetensors file ({str(error).splitlines()[0]}); "
+                         f"copy it again, or retrain") from None
+
+
+def image_multiple(model):
+    """The multiple of pixels an SD3 image side must be: VAE downsampling x transformer patch size, read from a
+    local pipeline's configs (the tiny models: 2 x 4 = 8), or 16 for a hub id (SD3 / SD3.5: 8 x 2)."""
+    try:
+        with open(os.path.join(model, "vae", "config.json")) as f:
+            vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        with open(os.path.join(model, "transformer", "config.json")) as f:
+            return vae_factor * json.load(f)["patch_size"]
+    except (OSError, KeyError, ValueError):
+        return 16
+
+
+def check_image_size(cfg):
+    """Raise InputError if --height or --width is not a multiple of `image_multiple(cfg.model)`."""
+    multiple = image_multiple(cfg.model)
+    for flag, value in (("--height", cfg.height), ("--width", cfg.width)):
+        if value % multiple:
+            raise InputError(f"{flag} {value} is not a multiple of {multiple} (this model's VAE factor x patch "
+                             f"size); use {max(multiple, value // multiple * multiple)}")
+
+
+def check_output_dir(path):
+    """Raise InputError if the run directory `path` cannot be created or written (a file in the way, no
+    permission)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"cannot create the run directory {path!r}: {existing!r} is a file; change --output-dir or "
+                         f"--run-name")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the run directory {path!r}: no write permission in {existing!r}; change "
+                         f"--output-dir")
+
+
 def check_inputs(cfg, world_size=1, training=True, lora=""):
     """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
 
@@ -599,9 +658,10 @@ def check_inputs(cfg, world_size=1, training=True, lora=""):
         raise InputError(f"--reward-options: {error}") from None
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
-    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
-        raise InputError(f"--lora {lora!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
-                         f"wrote (runs/NAME/lora)")
+    if lora:
+        check_lora(lora)
+    check_image_size(cfg)
+    check_output_dir(os.path.join(cfg.output_dir, cfg.run_name))
     resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
     if training and resume and not os.path.isfile(resume):
         raise InputError(f"--resume {resume!r}: no such checkpoint")

@@ -732,7 +732,19 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
     garbage.write_bytes(b"this is not a checkpoint")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes('"caf\xe9"\n'.encode("latin-1"))
+    corrupt = tmp_path / "corrupt_lora"
+    corrupt.mkdir()
+    (corrupt / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
     cases = [
+        (["--height", "33"], "--height 33 is not a multiple of 8"),
+        (["--width", "100", "--model", crd.SHAPES_MODEL], "--width 100 is not a multiple of 8"),
+        (["--output-dir", str(in_the_way / "runs")], "a_file' is a file"),
+        (["--eval", "--lora", str(corrupt)], "pytorch_lora_weights.safetensors is not a readable safetensors file"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch finds no CUDA device here")]),
+        (["--device", "tpu9"], "--device 'tpu9'"),
+        (["--preset", "sd35m_ocr"], "Flow-GRPO's dataset/ocr/train.txt"),
         (["--resume", str(garbage)], "garbage.pt: not a readable CRD checkpoint"),
         (["--eval", "--lora", str(tmp_path / "no_such_dir")], "no pytorch_lora_weights.safetensors"),
         (["--prompts", str(latin1)], "latin1.txt' is not UTF-8"),
@@ -746,7 +758,7 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
         (["--reward-options", "ocr.nope=1"], "ocr takes"),
     ]
     for args, message in cases:
-        out = run_cli(*args, "--output-dir", str(tmp_path / "runs"))
+        out = run_cli("--output-dir", str(tmp_path / "runs"), *args)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert message in out.stderr and "Traceback" not in out.stderr + out.stdout, (args, out.stderr[-2000:])
     offline = run_cli("--eval", "--preset", "sd35m_ocr", "--eval-rewards", "", "--output-dir", str(tmp_path / "runs"),
