@@ -157,8 +157,9 @@ class Config:
     slow_reference: bool = True  # old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration
     old_decay_start: float = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8)
     old_decay_rate: float = 0.005  # see old_decay_start
-    old_decay_max: float = 0.5  # see old_decay_start (0.5: the port's generic cap; its OCR recipe's 0.999 is for runs
-                                # of thousands of steps, as in sd35m_ocr)
+    old_decay_max: float = 0.5  # see old_decay_start (0.5: the cap of the default schedules the port's docstrings
+                                # give for the original CRD code, and of DiffusionNFT's GenEval sampler; the OCR
+                                # recipe's 0.999, as in sd35m_ocr, freezes both snapshots within ~100 iterations)
     decoupled_sampler: bool = True  # rollouts from an EMA sampler snapshot with eta_samp of Eq. (8); off: rollouts from
                                     # theta
     sampler_decay_delay: int = 75  # eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)
@@ -706,11 +707,29 @@ def pass_diagnostics(loss_reward, loss_kl, kl, r_hat, rewards, cfg):
     return log, (float(((predicted - target) ** 2).sum()), float((target ** 2).sum()))
 
 
+def reward_term_share(loss_reward, params, passes_per_step, sigma):
+    """Does the reward term pull its weight? Call before the pass's backward and call the result after it, on the
+    first pass of an iteration (no gradient accumulated yet): splits that pass's gradient of theta into the reward
+    term's g_R (one extra backward) and the KL anchor's g_KL = total - g_R. The result returns the log entries
+    grad/reward_norm, grad/kl_norm (L2 norms), grad/cos_reward_kl (cosine of g_R and g_KL) and grad/sigma (the
+    pass's noise level)."""
+    g_reward = torch.autograd.grad(loss_reward, params, retain_graph=True, allow_unused=True)
+    g_reward = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, g_reward)])
+
+    def after_backward():
+        g_kl = torch.cat([p.grad.flatten() for p in params]) * passes_per_step - g_reward
+        return {"grad/reward_norm": g_reward.norm().item(), "grad/kl_norm": g_kl.norm().item(),
+                "grad/cos_reward_kl": torch.nn.functional.cosine_similarity(g_reward, g_kl, dim=0).item(),
+                "grad/sigma": sigma[0].item()}
+    return after_backward
+
+
 def summarize(logs, fits, grad_norms, skipped):
     """One iteration's log from its passes: the mean of each entry over the passes (NaNs left out), the mean
     gradient norm, the count of skipped passes / steps, and crd/explained = 1 - sum (beta R^ - R)^2 / sum R^2
     (<= 0: Eq. (7) explains nothing of the centred rewards)."""
-    finite_values = {key: [log[key] for log in logs if not math.isnan(log[key])] for key in (logs[0] if logs else {})}
+    finite_values = {key: [log[key] for log in logs if not math.isnan(log.get(key, math.nan))]
+                     for key in (logs[0] if logs else {})}
     means = {key: float(np.mean(values)) if values else math.nan for key, values in finite_values.items()}
     fit_error, target_power = sum(f for f, _ in fits), sum(p for _, p in fits)
     return means | {"train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
@@ -742,9 +761,12 @@ def update(transformer, params, optimizer, batch, cfg, generator, autocast, wher
             loss = loss_reward + loss_kl
             passes += 1
             if finite(loss, "loss", cfg, where[0], where[1] + steps):
+                share = (reward_term_share(loss_reward, params["theta"], passes_per_step, sigma)
+                         if passes == 1 and loss_reward.requires_grad else None)  # diagnostics, first pass only
                 (loss / passes_per_step).backward()  # Alg. 1, line 6: backward / n_accum
                 log, fit = pass_diagnostics(loss_reward, loss_kl, kl, r_hat, batch["rewards_normalized"][mb], cfg)
                 log["crd/corr_fresh"] = log["crd/corr"] if steps == 0 else math.nan  # before this iteration's 1st step
+                log |= share() if share else {}
                 logs.append(log)
                 fits.append(fit)
             else:

@@ -157,7 +157,8 @@ class RunDirectory:
             self.say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
                      f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
                      f"r^ std {log.get('implicit_reward/std', math.nan):.4f} "
-                     f"corr {log.get('crd/corr', math.nan):+.3f} expl {log.get('crd/explained', math.nan):+.3f} | "
+                     f"corr {log.get('crd/corr', math.nan):+.3f} fresh {log.get('crd/corr_fresh', math.nan):+.3f} "
+                     f"expl {log.get('crd/explained', math.nan):+.3f} | "
                      f"eta old {log['ema/eta_old']:.3f} samp {log['ema/eta_sampler']:.3f} | "
                      f"{log['time/iteration']:.1f}s")
         if stopping:
@@ -351,8 +352,10 @@ def plot_rewards(metrics, path):
 
 def plot_diagnostics(metrics, path, window=10):
     """Is the reward term of Eq. (7) learning? Four panels per iteration, saved as PNG: the within-group
-    correlation of r^ with r~ (with a running mean over `window` iterations), the explained fraction
-    1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA time constants (iterations)."""
+    correlation of r^ with r~ over all passes and over the passes before the iteration's first optimizer step
+    (crd/corr_fresh: samples no update has seen; each with a running mean over `window` iterations), the explained
+    fraction 1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA time constants
+    (iterations)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,16 +363,17 @@ def plot_diagnostics(metrics, path, window=10):
 
     its = [m["iteration"] for m in metrics]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
-    panels = [(axes[0, 0], ["crd/corr"], "corr(R^, R) within groups"), (axes[0, 1], ["crd/explained"],
+    panels = [(axes[0, 0], ["crd/corr", "crd/corr_fresh"], "corr(R^, R) within groups"), (axes[0, 1], ["crd/explained"],
               "explained fraction of R"), (axes[1, 0], ["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R"),
               (axes[1, 1], ["ema/tau_old", "ema/tau_sampler"], "EMA time constant (iterations)")]
     for ax, keys, title in panels:
         for key in keys:
             values = np.array([m.get(key, math.nan) for m in metrics], dtype=float)
             ax.plot(its, values, alpha=0.5, label=key)
-            if key == "crd/corr" and len(values) >= window:
+            if key.startswith("crd/corr") and len(values) >= window:
                 smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
-                ax.plot(its[window - 1:], smooth, "k-", label=f"running mean of {window}")
+                ax.plot(its[window - 1:], smooth, "k-" if key == "crd/corr" else "r-",
+                        label=f"{key}, running mean of {window}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=title, xlabel="iteration")
         ax.grid(alpha=0.3)
