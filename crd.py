@@ -76,7 +76,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
 TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
 SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model
-LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # attention projections
+LORA_TARGETS = ",".join(f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                     "add_v_proj", "to_add_out"))  # joint attention (SD3.5-M's attn2
+                                                                                  # layers get none, as in the port)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,9 +110,13 @@ class Config:
     lora_targets: str = LORA_TARGETS  # comma-separated transformer module names that get LoRA (CRD_SPEC.md §7)
     # sampling
     prompts: str = os.path.join(TINY_DATA, "train.txt")  # training prompts, one per line (OCR target in double quotes)
+    max_prompts: int = 0  # train on the first N lines of --prompts only (the port's max_dataset_size); 0 = all
     prompts_per_iteration: int = 8  # P: prompts drawn per iteration
     group_size: int = 8  # K: samples per prompt; centring (Eq. 7) needs K >= 2
     num_steps: int = 10  # Euler steps of a rollout
+    sigma_schedule: str = "diffusers"  # the N Euler sigmas before the scheduler's shift (rollouts, evaluation,
+                                       # training): 'diffusers' (the pipeline's own, linspace(1, sigma_min, N)) or
+                                       # 'port' (Flow-Factory's linspace(1, 1/N, N))
     guidance_scale: float = 1.0  # CFG scale of rollouts (1.0 = none, as in the paper)
     # evaluation
     eval_prompts: str = os.path.join(TINY_DATA, "heldout.txt")  # held-out prompts, never trained on
@@ -146,6 +152,9 @@ class Config:
                                      # 'uniform' (the port) or 'sigma' (at theta = old the gradient is then
                                      # DiffusionNFT's)
     train_timesteps: int = 3  # T: training timesteps per sample per iteration, from the sampler schedule
+    timestep_draw: str = "random"  # which T of the S kept steps: 'random' (T distinct, in random order) or 'stratified'
+                                   # (the port's discrete sampler: steps floor(k (S - 1) / T) for k < T, noisiest
+                                   # first, the same for every sample; T may exceed S)
     shared_timesteps: bool = True  # all samples of a pass share its sigma (the port), so centring compares samples at
                                    # one noise level; off: each sample draws its own
     group_noise: bool = False  # the K samples of a prompt share the noise eps of a pass (common random numbers: the
@@ -213,14 +222,17 @@ def tiny_geneval():
 
 
 def sd35m_ocr():
-    """The paper's OCR recipe on SD3.5-M (CRD_SPEC.md §7): 512 px, K = 24, 48 prompts per iteration."""
+    """The paper's OCR recipe on SD3.5-M (CRD_SPEC.md §7): 512 px, K = 24, 48 prompts per iteration, and the first
+    author's port's OCR config where the paper is silent (20 stratified training timesteps of its sigma schedule, the
+    first 1,024 training prompts); every field against the port's: docs/port_comparison.md."""
     return dataclasses.replace(
         Config(), run_name="crd-sd35m-ocr", model="stabilityai/stable-diffusion-3.5-medium", height=512, width=512,
         max_sequence_length=256, mixed_precision="bf16", gradient_checkpointing=True, prompts_per_iteration=48,
         group_size=24, num_steps=10, eval_num_steps=40, eval_count=1018, eval_every=20,
-        prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), train_timesteps=9, learning_rate=3e-4,
+        prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), learning_rate=3e-4,
         micro_batch_size=24, sample_batch_size=48, iterations=1000, sample_every=10, checkpoint_every=10,
-        prompt_cache=2048, ocr_detection=True, old_decay_max=0.999, sampler_decay_max=0.999)
+        prompt_cache=2048, ocr_detection=True, old_decay_max=0.999, sampler_decay_max=0.999, max_prompts=1024,
+        train_timesteps=20, timestep_draw="stratified", timestep_range=1.0, sigma_schedule="port")
 
 
 def sd35m_geneval():
@@ -231,7 +243,7 @@ def sd35m_geneval():
         sd35m_ocr(), run_name="crd-sd35m-geneval", reward="geneval", eval_rewards="clipscore,pickscore",
         prompts=os.path.join(HERE, "data", "geneval", "train_metadata.jsonl"),
         eval_prompts=os.path.join(HERE, "data", "geneval", "evaluation_metadata.jsonl"), eval_count=553,
-        optimizer_steps_per_iteration=1, old_decay_start=0.25, old_decay_rate=0.001, old_decay_max=0.5,
+        max_prompts=0, optimizer_steps_per_iteration=1, old_decay_start=0.25, old_decay_rate=0.001, old_decay_max=0.5,
         sampler_decay_delay=0, sampler_decay_rate=0.001, sampler_decay_max=0.5)
 
 
@@ -465,17 +477,27 @@ class PromptCache:
 
 
 @torch.no_grad()
+def schedule_sigmas(num_steps, schedule="diffusers"):
+    """The N sigmas handed to the scheduler before its shift: None for 'diffusers' (the scheduler's own spacing,
+    linspace(1, sigma_min, N)), linspace(1, 1/N, N) for 'port' (Flow-Factory; with SD3.5's shift 3 its 10 steps end
+    at sigma 0.25 instead of 0.009)."""
+    return None if schedule == "diffusers" else np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+
+
+@torch.no_grad()
 def sample_latents(pipe, prompt_embeds, pooled_prompt_embeds, seeds, height, width, num_steps, guidance_scale,
-                   max_sequence_length):
+                   max_sequence_length, schedule="diffusers"):
     """Deterministic Euler ODE sampling with the pipeline's scheduler (one generator per sample).
 
-    prompt_embeds (N, L, D), seeds: N ints. guidance_scale 1.0 = no CFG (empty-prompt negative otherwise).
-    Returns the final clean latents x0 (N, C, H/f, W/f), in the transformer's (scaled and shifted) latent space.
+    prompt_embeds (N, L, D), seeds: N ints. guidance_scale 1.0 = no CFG (empty-prompt negative otherwise);
+    schedule: see `schedule_sigmas`. Returns the final clean latents x0 (N, C, H/f, W/f), in the transformer's
+    (scaled and shifted) latent space.
     """
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, height=height, width=width,
-                num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=generators,
-                max_sequence_length=max_sequence_length, output_type="latent").images
+                num_inference_steps=num_steps, sigmas=schedule_sigmas(num_steps, schedule),
+                guidance_scale=guidance_scale, generator=generators, max_sequence_length=max_sequence_length,
+                output_type="latent").images
 
 
 @torch.no_grad()
@@ -491,7 +513,7 @@ def decode_latents(pipe, latents, chunk_size=32):
 
 @torch.no_grad()
 def generate(pipe, prompts, seeds, height, width, num_steps, guidance_scale=1.0, max_sequence_length=2,
-             prompt_cache=None, adapter=None):
+             prompt_cache=None, adapter=None, schedule="diffusers"):
     """Prompts -> PIL images (the held-out evaluation's sampler): text-encode, sample (Euler ODE, one seed per
     prompt), decode. adapter: route the transformer through this LoRA adapter first (`use_adapter`); None leaves it
     as it is (the pretrained model, or a LoRA loaded by --eval). Returns len(prompts) images."""
@@ -499,7 +521,7 @@ def generate(pipe, prompts, seeds, height, width, num_steps, guidance_scale=1.0,
         use_adapter(pipe.transformer, adapter)
     embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length, prompt_cache)
     return decode_latents(pipe, sample_latents(pipe, embeds, pooled, seeds, height, width, num_steps, guidance_scale,
-                                               max_sequence_length))
+                                               max_sequence_length, schedule))
 
 
 ADAPTERS = ("theta", "old", "sampler")  # trained policy, implicit-reward reference, rollout policy
@@ -546,9 +568,10 @@ def velocity(transformer, adapter, x_sigma, sigma, prompt_embeds, pooled_prompt_
                        pooled_projections=pooled_prompt_embeds, return_dict=False)[0]
 
 
-def training_sigmas(scheduler, num_steps, timestep_range):
-    """The sampler's sigma schedule without its near-clean tail: the first floor(range * steps) values, (S,)."""
-    scheduler.set_timesteps(num_steps)
+def training_sigmas(scheduler, num_steps, timestep_range, schedule="diffusers"):
+    """The sampler's sigma schedule (`schedule_sigmas`, shifted) without its near-clean tail: the first
+    floor(range * steps) values, (S,)."""
+    scheduler.set_timesteps(num_steps, sigmas=schedule_sigmas(num_steps, schedule))
     return scheduler.sigmas[: int(timestep_range * num_steps)].float().cpu().clone()
 
 
@@ -593,7 +616,8 @@ def rollout(pipe, prompts, seeds, cfg, autocast, prompt_cache=None):
         part = slice(start, start + cfg.sample_batch_size)
         with autocast:
             chunks.append(sample_latents(pipe, prompt_embeds[part], pooled[part], seeds[part], cfg.height, cfg.width,
-                                         cfg.num_steps, cfg.guidance_scale, cfg.max_sequence_length))
+                                         cfg.num_steps, cfg.guidance_scale, cfg.max_sequence_length,
+                                         cfg.sigma_schedule))
     x0 = torch.cat(chunks)
     return x0.float(), prompt_embeds, pooled, decode_latents(pipe, x0)
 
@@ -623,7 +647,11 @@ def score(reward_fn, images, prompts, cfg, iteration, device, rank=0, world_size
 def draw_timesteps(n_samples, n_sigmas, cfg, generator):
     """Alg. 1, line 5: which of the n_sigmas kept schedule steps each sample trains on, T = cfg.train_timesteps
     distinct ones (without replacement). With cfg.shared_timesteps every sample of a micro-batch gets the same T
-    steps, so a group's r^ are compared at one noise level (Deviation 4). Returns indices (n_samples, T)."""
+    steps, so a group's r^ are compared at one noise level (Deviation 4). With cfg.timestep_draw 'stratified' every
+    sample gets steps floor(k (n_sigmas - 1) / T), k = 0 .. T-1, as the port's discrete sampler (whose stratified
+    jitter rounds away; e.g. 20 of 10 steps: 0,0,0,1,1,2,2,...,8,8). Returns indices (n_samples, T)."""
+    if cfg.timestep_draw == "stratified":
+        return (torch.arange(cfg.train_timesteps) * (n_sigmas - 1) // cfg.train_timesteps).expand(n_samples, -1)
     n_draws = n_samples // cfg.micro_batch_size if cfg.shared_timesteps else n_samples
     index = torch.stack([torch.randperm(n_sigmas, generator=generator)[:cfg.train_timesteps] for _ in range(n_draws)])
     return index.repeat_interleave(n_samples // n_draws, dim=0)
@@ -814,7 +842,8 @@ def main(cfg, eval_only=False, lora=""):
     prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
     images_for = functools.partial(generate, pipe, height=cfg.height, width=cfg.width, num_steps=cfg.eval_num_steps,
                                    guidance_scale=cfg.eval_guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                                   prompt_cache=prompt_cache, adapter=None if eval_only else "theta")
+                                   prompt_cache=prompt_cache, adapter=None if eval_only else "theta",
+                                   schedule=cfg.sigma_schedule)
     held_out = functools.partial(evaluate, images_for, reward_fn, eval_prompts, unseen=unseen)  # same noise each time
     if eval_only:
         return run.evaluate_only(pipe, held_out, lora)
@@ -826,7 +855,7 @@ def main(cfg, eval_only=False, lora=""):
     optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     state = run.start(params, optimizer)  # {"iteration", "step"}: 0, or where --resume's checkpoint stopped
-    sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range)
+    sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range, cfg.sigma_schedule)
     with torch.no_grad():
         negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)  # CFG of Eq. (9)
     first, passes_per_step = state["iteration"], cfg.sizes(world_size)[2]

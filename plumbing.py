@@ -492,7 +492,7 @@ POSITIVE_FIELDS = {"iterations", "height", "width", "lora_rank", "lora_alpha", "
                    "checkpoint_every", "max_sequence_length"}
 
 
-NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "kl_beta", "kl_cfg", "weight_decay",
+NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "max_prompts", "kl_beta", "kl_cfg", "weight_decay",
                        "old_decay_rate", "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
 
 
@@ -528,13 +528,18 @@ def check_config(cfg, world_size=1):
         raise InputError(f"{passes} forward/backward passes per iteration cannot be split into "
                          f"{cfg.optimizer_steps_per_iteration} optimizer steps; change "
                          f"--optimizer-steps-per-iteration or --train-timesteps")
-    if not 1 <= cfg.train_timesteps <= int(cfg.timestep_range * cfg.num_steps):
-        raise InputError(f"--train-timesteps {cfg.train_timesteps} must be in [1, "
-                         f"{int(cfg.timestep_range * cfg.num_steps)}] (the kept schedule steps)")
+    kept = int(cfg.timestep_range * cfg.num_steps)
+    if kept < 1:
+        raise InputError(f"--timestep-range {cfg.timestep_range} keeps no step of the {cfg.num_steps}-step schedule")
+    if cfg.timestep_draw == "random" and not cfg.train_timesteps <= kept:
+        raise InputError(f"--train-timesteps {cfg.train_timesteps} must be in [1, {kept}] (the kept schedule steps, "
+                         f"drawn without replacement; --timestep-draw stratified repeats them)")
     for name, value, allowed in (("centering", cfg.centering, ("prompt", "batch")),
                                  ("objective", cfg.objective, ("crd", "nft", "anchor")),
                                  ("loss-type", cfg.loss_type, ("mse", "bce")),
                                  ("time-weighting", cfg.time_weighting, ("uniform", "sigma")),
+                                 ("timestep-draw", cfg.timestep_draw, ("random", "stratified")),
+                                 ("sigma-schedule", cfg.sigma_schedule, ("diffusers", "port")),
                                  ("kl-reward", cfg.kl_reward, ("normalized", "raw")),
                                  ("mixed-precision", cfg.mixed_precision, ("no", "bf16")),
                                  ("log-to", cfg.log_to, ("", "tensorboard", "wandb"))):
@@ -669,7 +674,7 @@ def check_inputs(cfg, world_size=1, training=True, lora=""):
     resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
     if training and resume and not os.path.isfile(resume):
         raise InputError(f"--resume {resume!r}: no such checkpoint")
-    prompts = read_prompts(cfg.prompts) if training else []
+    prompts = read_prompts(cfg.prompts)[: cfg.max_prompts or None] if training else []
     eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
     if not eval_prompts:
         raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")

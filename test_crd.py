@@ -960,6 +960,38 @@ def test_sd35m_code_path_runs_on_a_tiny_pipeline_with_its_layout(tmp_path):
     assert (tmp_path / cfg.run_name / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_port_options_timesteps_sigmas_prompt_cap_and_lora_targets(tmp_path):
+    """The first author's port, as sd35m_ocr follows it (docs/port_comparison.md): its discrete sampler's 20 steps of
+    a 10-step schedule (the same for every sample and seed), its sigma spacing under SD3.5's shift 3, the first N
+    training prompts, and LoRA on the joint attention only (none on SD3.5-M's attn2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    cfg = dataclasses.replace(crd.sd35m_ocr(), micro_batch_size=4, group_size=2)
+    for seed in (0, 42):
+        index = crd.draw_timesteps(8, 10, cfg, torch.Generator().manual_seed(seed))
+        assert index.tolist() == [[0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]] * 8
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    port = crd.training_sigmas(scheduler, 10, 1.0, "port")
+    assert port.tolist() == pytest.approx([1.0, 0.9643, 0.9231, 0.875, 0.8182, 0.75, 0.6667, 0.5625, 0.4286, 0.25],
+                                          abs=1e-4)
+    assert crd.training_sigmas(scheduler, 10, 0.99)[-1].item() == pytest.approx(0.278, abs=1e-3)  # diffusers' own
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("".join(f'a sign "w{i}"\n' for i in range(20)))
+    capped = dataclasses.replace(crd.Config(), prompts=str(prompts), max_prompts=12)
+    assert plumbing.check_inputs(capped)[0] == [f'a sign "w{i}"' for i in range(12)]  # the first 12, in file order
+    with pytest.raises(crd.InputError, match="fewer than --prompts-per-iteration"):
+        plumbing.check_inputs(dataclasses.replace(capped, max_prompts=4))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8,
+                                        dual_attention_layers=(0,))
+    crd.add_lora_adapters(transformer, 2, 4, crd.LORA_TARGETS)
+    adapted = {n.split(".lora_A")[0] for n, _ in transformer.named_parameters() if ".lora_A.theta" in n}
+    assert "transformer_blocks.0.attn.to_q" in adapted and "transformer_blocks.0.attn.add_q_proj" in adapted
+    assert not any(".attn2." in n for n in adapted)
+    assert len(adapted) == 8 * 2 - 1  # 8 projections x 2 blocks; the last block has no context output projection
+
+
 def test_full_size_bench_runs_the_sd35m_code_path_at_tiny_scale(capsys):
     """bench/full_size.py builds SD3.5-M's layout from the shipped configs; --scale tiny runs it on the CPU."""
     import importlib.util
