@@ -2,7 +2,7 @@
 
 Paper: Zhu, Wang, Lathuiliere, Kalogeiton, "Diffusion Reinforcement Learning via Centered Reward Distillation",
 arXiv:2603.14128. Details follow the first author's Flow-Factory port (X-GenGroup/Flow-Factory PR #121) and
-DiffusionNFT (NVlabs/DiffusionNFT), as reconstructed in CRD_SPEC.md; `# Eq. (n)` tags refer to that page.
+DiffusionNFT (NVlabs/DiffusionNFT), as reconstructed in docs/method.md; `# Eq. (n)` tags refer to that page.
 This is a reference to read and copy, not a library. What is not CRD (input checks and the command line, the run
 directory, held-out evaluation, checkpoints, curves, torchrun, signals) is in plumbing.py; the rewards in reward.py.
 
@@ -12,7 +12,7 @@ within the prompt's group of K samples removes it exactly. CRD regresses the cen
 difference between the trained and a slow reference model, computed on clean samples only) onto the centred
 external reward.
 
-Algorithm 1 (CRD_SPEC.md §6; main() tags each line `# Alg. 1, line k`, lines 4-7 inside `update`, which it calls):
+Algorithm 1 (docs/method.md; main() tags each line `# Alg. 1, line k`, lines 4-7 inside `update`, which it calls):
   0  theta_old <- theta; theta_samp <- theta; s <- 0                                    add_lora_adapters
   1  for each iteration:                                                                 main
   2    draw P prompts; K samples each with the sampler snapshot (Euler ODE, no CFG),
@@ -28,7 +28,7 @@ Algorithm 1 (CRD_SPEC.md §6; main() tags each line `# Alg. 1, line k`, lines 4-
   8    move the two EMA snapshots toward theta (Eq. 8): old (implicit-reward
        reference) and sampler (rollout policy)                                           move_snapshots
 
-Deviations / choices (CRD_SPEC.md §9 open questions; each is a flag):
+Deviations / choices (the open questions of the reconstruction; each is a flag):
   1. w(t) in Eq. (5): the port's adaptive normalisation (per-sample mean |error|, detached); --no-adaptive-norm.
   2. Centring per prompt group (the paper's statement); --centering batch gives the port's micro-batch centring.
   3. Eq. (10) uses the normalised reward r~ of Eq. (6) (the port); --kl-reward raw uses r.
@@ -107,7 +107,7 @@ class Config:
                            # re-encoding; 0 = off
     lora_rank: int = 32  # LoRA rank r on the attention projections
     lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
-    lora_targets: str = LORA_TARGETS  # comma-separated transformer module names that get LoRA (CRD_SPEC.md §7)
+    lora_targets: str = LORA_TARGETS  # comma-separated transformer module names that get LoRA
     # sampling
     prompts: str = os.path.join(TINY_DATA, "train.txt")  # training prompts, one per line (OCR target in double quotes)
     max_prompts: int = 0  # train on the first N lines of --prompts only (the port's max_dataset_size); 0 = all
@@ -222,7 +222,7 @@ def tiny_geneval():
 
 
 def sd35m_ocr():
-    """The paper's OCR recipe on SD3.5-M (CRD_SPEC.md §7): 512 px, K = 24, 48 prompts per iteration, and the first
+    """The paper's OCR recipe on SD3.5-M (docs/method.md): 512 px, K = 24, 48 prompts per iteration, and the first
     author's port's OCR config where the paper is silent (20 stratified training timesteps of its sigma schedule, the
     first 1,024 training prompts); every field against the port's: docs/port_comparison.md."""
     return dataclasses.replace(

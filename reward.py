@@ -8,9 +8,9 @@
 Heavy imports live inside the factories, so `import reward` is cheap. `make_reward(spec)` builds `REWARDS[name]`
 or a weighted sum ('ocr:1,pickscore:0.5'), and `check_prompts(spec, prompts)` runs each reward's own prompt check
 (`PROMPT_CHECKS`) before any model loads; both raise ValueError naming the problem. The rewards:
-- `ocr`: the OCR reward of Flow-GRPO, DiffusionNFT, AWM and the CRD paper (CRD_SPEC.md §8), read by EasyOCR in
-  place of PaddleOCR; `ppocr`: the same reward read by PaddleOCR's PP-OCRv4 models (a second engine, used as an
-  unseen metric).
+- `ocr`: the OCR reward of Flow-GRPO, DiffusionNFT, AWM and the CRD paper (docs/method.md, "The OCR reward"), read
+  by EasyOCR in place of PaddleOCR; `ppocr`: the same reward read by PaddleOCR's PP-OCRv4 models (a second engine,
+  used as an unseen metric).
 - `geneval`: GenEval's rules (djghosh13/geneval) as pure functions over detections, on a transformers
   Mask2Former detector and a CLIP colour classifier; the partial-credit score Flow-GRPO and DiffusionNFT train on.
 - `pickscore`, `clipscore`: preference / alignment metrics (CLIP models from transformers), for unseen-metric
@@ -29,7 +29,7 @@ QUOTED = re.compile(r'"([^"]*)"')
 
 
 def ocr_target(prompt):
-    """The OCR target of a prompt: the text between its first pair of double quotes (CRD_SPEC.md §8).
+    """The OCR target of a prompt: the text between its first pair of double quotes (docs/method.md, "The OCR reward").
 
     Raises ValueError if the prompt holds no such pair, or the pair is empty.
     """
@@ -41,12 +41,12 @@ def ocr_target(prompt):
 
 
 def normalize_text(text):
-    """Remove all white space and lowercase, as the OCR reward of CRD_SPEC.md §8 does to both strings."""
+    """Remove all white space and lowercase, as the OCR reward of docs/method.md does to both strings."""
     return "".join(text.split()).lower()
 
 
 def ocr_score(recognized, target):
-    """OCR reward of one image (CRD_SPEC.md §8), in [0, 1].
+    """OCR reward of one image (docs/method.md, "The OCR reward"), in [0, 1].
 
     d = 0 if the normalised target is a substring of the normalised recognised text, else
     min(Levenshtein(recognised, target), len(target)); reward = 1 - d / len(target). Nothing recognised -> 0.
@@ -61,7 +61,7 @@ def ocr_score(recognized, target):
 
 
 def ocr_reward_from(read, read_batch=None):
-    """The OCR reward of CRD_SPEC.md §8 around an engine: `read(PIL image) -> recognised text`.
+    """The OCR reward (docs/method.md) around an engine: `read(PIL image) -> recognised text`.
 
     `read_batch(images) -> texts` is an optional faster path giving the same texts. The returned fn takes a list of
     N PIL images and N prompts (each with a quoted target) and returns (Tensor (N,) in [0, 1], info) with info keys

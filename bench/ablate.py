@@ -40,7 +40,7 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "crd-uniform": ["--time-weighting", "uniform"],
     "no-anchor-sigma": ["--kl-beta", "0", "--time-weighting", "sigma"],
     "paper-schedules": ["--old-decay-max", "0.999", "--sampler-decay-max", "0.999"],  # Eq. (8) as the OCR recipe
-    "nft": ["--objective", "nft"],  # DiffusionNFT loss (CRD_SPEC Appendix A), same sampler, reward and budget
+    "nft": ["--objective", "nft"],  # DiffusionNFT loss (docs/method.md, Eqs. A1-A2), same sampler, reward and budget
     "anchor-only": ["--objective", "anchor", "--no-adaptive-kl"],  # reward-free: CFG-anchor KL alone
     "no-anchor": ["--kl-beta", "0"],
     "anchor-no-cfg": ["--kl-cfg", "1.0"],

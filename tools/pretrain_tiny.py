@@ -12,7 +12,7 @@ are the string in double quotes, e.g. `"qbxe"`, so the OCR reward reads its targ
 Steps: (1) write the train / validation / held-out target lists (disjoint) to data/tiny_ocr/; (2) train the VAE
 on the rendered training images; (3) encode the training set once and write the latent mean / scale into the
 VAE config as shift_factor / scaling_factor; (4) train transformer + both text encoders jointly with the
-rectified-flow loss of CRD_SPEC.md Eqs. (1)-(2) (logit-normal sigma, 10 % prompt dropout so that CFG works);
+rectified-flow loss of docs/method.md Eqs. (1)-(2) (logit-normal sigma, 10 % prompt dropout so that CFG works);
 (5) every --eval-every steps from --eval-from on, score the model on the validation targets (10 Euler steps, no
 CFG, OCR reward) and keep a copy; (6) save the copy of step --keep-step (5,750 by default, the shipped model; the
 run stops there), or with --keep-step 0 the copy whose validation reward is closest to --target-reward, with
@@ -281,7 +281,7 @@ def main():
     print(f"vae reconstructions: {world['reward']} reward {check:.3f} on 64 training images", flush=True)
     print(f"vae done at {time.time() - started:.0f}s; latent shift {shift:.4f} scale {scale:.4f}", flush=True)
 
-    # (4) transformer + text encoders, rectified flow (CRD_SPEC.md Eqs. 1-2), prompt dropout for CFG
+    # (4) transformer + text encoders, rectified flow (docs/method.md Eqs. 1-2), prompt dropout for CFG
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     parameters = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr)
