@@ -1,8 +1,8 @@
 """Write GenEval-style TRAINING prompts, disjoint from the 553 GenEval evaluation prompts.
 
 Output: one JSON object per line in GenEval's metadata format, the same as data/geneval/evaluation_metadata.jsonl:
-{"tag", "include", ["exclude",] "prompt"}, each line accepted by reward.validate_geneval_metadata. Class names,
-colours and relations are reward.GENEVAL_OBJECTS, GENEVAL_COLOURS and GENEVAL_RELATIONS (the same 80 names, in the
+{"tag", "include", ["exclude",] "prompt"}, each line accepted by geneval.validate_geneval_metadata. Class names,
+colours and relations are geneval.GENEVAL_OBJECTS, GENEVAL_COLOURS and GENEVAL_RELATIONS (the same 80 names, in the
 same order, as GenEval's prompts/object_names.txt).
 
 Recipe: the one of GenEval's prompts/create_prompts.py (github.com/djghosh13/geneval, commit af4902f), re-implemented
@@ -51,7 +51,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from reward import (GENEVAL_COLOURS, GENEVAL_OBJECTS, GENEVAL_RELATIONS,  # noqa: E402
+from geneval import (GENEVAL_COLOURS, GENEVAL_OBJECTS, GENEVAL_RELATIONS,  # noqa: E402
                     validate_geneval_metadata)
 
 EVAL_METADATA = os.path.join(ROOT, "data", "geneval", "evaluation_metadata.jsonl")

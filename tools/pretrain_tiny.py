@@ -24,7 +24,7 @@ save_pretrained, to --out. --snapshot-dir also saves every copy, to compare cand
 tools/shapes_world.py drawn for the prompts of data/tiny_geneval/train.jsonl (written in step 1 by
 `make_prompt_lists`), prompts are the scenes' GenEval metadata lines (their "prompt" text is encoded by a
 word-level tokenizer, one token per word: 10 at most), validation scores the GenEval partial credit of
-`reward.geneval_shapes_reward`, and the model goes to assets/tiny-sd3-shapes. Its default --keep-step is 3,500, the
+`geneval.geneval_shapes_reward`, and the model goes to assets/tiny-sd3-shapes. Its default --keep-step is 3,500, the
 step of the shipped model (a run with --eval-from 1000 --eval-every 500 --snapshot-dir, stopped by hand after
 step 3,500: ~30 min on 2 cores; its log is assets/tiny-sd3-shapes/pretrain_log.json).
 

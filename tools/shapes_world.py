@@ -1,6 +1,6 @@
 """The shapes world: GenEval's six kinds of prompt on 64x64 images of flat shapes, for the CPU GenEval task.
 
-Objects are reward.SHAPES (circle, square, triangle, cross) in the colours of reward.SHAPE_PALETTE (six of
+Objects are geneval.SHAPES (circle, square, triangle, cross) in the colours of geneval.SHAPE_PALETTE (six of
 GenEval's colour names) on white. Prompts use GenEval's wording and metadata format ({"prompt", "tag", "include",
 "exclude"}, djghosh13/geneval prompts/evaluation_metadata.jsonl) for its six tags:
 
@@ -23,7 +23,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from reward import SHAPE_BACKGROUND, SHAPE_PALETTE, SHAPES, geneval_relations  # noqa: E402
+from geneval import SHAPE_BACKGROUND, SHAPE_PALETTE, SHAPES, geneval_relations  # noqa: E402
 
 SIZE = 64                # image side, pixels
 GRID = 2                 # shapes stand in the cells of a GRID x GRID grid, at most one per cell
@@ -102,7 +102,7 @@ def scene_for(metadata, rng, tries=1000):
     """A layout satisfying `metadata`: a list of (shape, colour, (x0, y0, x1, y1)) boxes in pixels, one per cell of
     a GRID x GRID grid (side in SHAPE_SIZES, centre within JITTER of the cell's), no two boxes closer than GAP;
     colours the prompt does not name are drawn at random; a "position" clause's box stands in its relation to the
-    target's box by `reward.geneval_relations`. Raises RuntimeError after `tries` rejected layouts (not seen for
+    target's box by `geneval.geneval_relations`. Raises RuntimeError after `tries` rejected layouts (not seen for
     this world's prompts). The coarse grid keeps the world small enough for a CPU-pretrained model to learn."""
     objects = []
     for clause in metadata["include"]:

@@ -1,0 +1,287 @@
+"""Tests of plumbing.py, what is not CRD: config checks and the command line's one-line errors, checkpoints and
+resume, signals, held-out evaluation's seed contract, trackers, torchrun, and the one-way import rule."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import crd
+import geneval
+import plumbing
+import reward
+from conftest import run_cli, tiny_config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config checks and the command line
+# ---------------------------------------------------------------------------------------------------------------
+def test_config_validation_names_the_problem():
+    with pytest.raises(ValueError, match="group-size 1"):
+        plumbing.check_config(dataclasses.replace(crd.Config(), group_size=1))
+    with pytest.raises(ValueError, match="not a multiple of --group-size"):
+        plumbing.check_config(dataclasses.replace(crd.Config(), micro_batch_size=12))
+    with pytest.raises(ValueError, match="optimizer steps"):
+        plumbing.check_config(dataclasses.replace(crd.Config(), train_timesteps=1, optimizer_steps_per_iteration=4))
+    plumbing.check_config(crd.Config())
+    plumbing.check_config(crd.sd35m_ocr())
+
+
+def test_check_inputs_rejects_unknown_reward_and_unquoted_prompts(tmp_path):
+    with pytest.raises(ValueError, match="known rewards: .*ocr"):
+        plumbing.check_inputs(dataclasses.replace(crd.Config(), reward="aesthetic"))
+    bad = tmp_path / "prompts.txt"
+    bad.write_text('"abc"\nno quotes here\n')
+    with pytest.raises(ValueError, match="prompt 2"):
+        plumbing.check_inputs(dataclasses.replace(crd.Config(), prompts=str(bad)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        plumbing.check_inputs(dataclasses.replace(crd.Config(), prompts=str(empty)))
+
+
+def test_cli_exposes_every_config_field():
+    cfg, _ = plumbing.parse_args(crd.Config, crd.PRESETS, ["--group-size", "4", "--no-adaptive-kl", "--beta", "0.5"])
+    assert (cfg.group_size, cfg.adaptive_kl, cfg.beta) == (4, False, 0.5)
+    cfg, _ = plumbing.parse_args(crd.Config, crd.PRESETS, ["--preset", "sd35m_ocr"])
+    assert (cfg.group_size, cfg.prompts_per_iteration, cfg.height) == (24, 48, 512)
+    assert set(plumbing.field_docs(crd.Config)) == {f.name for f in dataclasses.fields(crd.Config)}
+
+
+@pytest.mark.parametrize("preset", sorted(crd.PRESETS))
+def test_help_prints_and_exits_zero_for_every_preset(preset):
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(crd.__file__), "crd.py"), "--preset", preset,
+                          "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--group-size" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
+    base = crd.Config()
+    cases = [
+        (dict(prompts=str(tmp_path / "missing.txt")), crd.InputError, "does not exist"),
+        (dict(model=str(tmp_path)), crd.InputError, "no model_index.json"),
+        (dict(learning_rate=-1.0), crd.InputError, "--learning-rate -1.0 must be > 0"),
+        (dict(iterations=0), crd.InputError, "--iterations 0 must be > 0"),
+        (dict(adam_beta2=1.0), crd.InputError, r"--adam-beta2 1.0 must be in \[0, 1\)"),
+        (dict(eval_rewards="ppocr,nope"), crd.InputError, "unknown reward 'nope'"),
+        (dict(timestep_range=0.5, train_timesteps=6), ValueError, "train-timesteps 6"),
+        (dict(centering="global"), ValueError, "choose one of prompt, batch"),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            plumbing.check_inputs(dataclasses.replace(base, **overrides))
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        plumbing.check_config(base, world_size=3)
+    with pytest.raises(ValueError, match="no prompt file: pass --prompts"):  # SD3.5-M ships no training prompts
+        plumbing.check_inputs(crd.sd35m_ocr())
+    assert plumbing.check_inputs(crd.sd35m_ocr(), training=False)[1][0].count('"') == 2  # --eval needs none
+    plumbing.check_model("stabilityai/stable-diffusion-3.5-medium")  # a hub id is not checked as a folder
+    with pytest.raises(crd.InputError, match="no such checkpoint"):
+        crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
+
+
+def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
+    """Each mistake a user can make on the command line exits 2 with a line naming it, before any model loads."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes('"caf\xe9"\n'.encode("latin-1"))
+    corrupt = tmp_path / "corrupt_lora"
+    corrupt.mkdir()
+    (corrupt / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    cases = [
+        (["--height", "33"], "--height 33 is not a multiple of 8"),
+        (["--width", "100", "--model", crd.SHAPES_MODEL], "--width 100 is not a multiple of 8"),
+        (["--output-dir", str(in_the_way / "runs")], "a_file' is a file"),
+        (["--eval", "--lora", str(corrupt)], "pytorch_lora_weights.safetensors is not a readable safetensors file"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch finds no CUDA device here")]),
+        (["--device", "tpu9"], "--device 'tpu9'"),
+        (["--preset", "sd35m_ocr"], "Flow-GRPO's dataset/ocr/train.txt"),
+        (["--resume", str(garbage)], "garbage.pt: not a readable CRD checkpoint"),
+        (["--eval", "--lora", str(tmp_path / "no_such_dir")], "no pytorch_lora_weights.safetensors"),
+        (["--prompts", str(latin1)], "latin1.txt' is not UTF-8"),
+        (["--learning-rate", "-1"], "--learning-rate -1.0 must be > 0"),
+        (["--iterations", "0"], "--iterations 0 must be > 0"),
+        (["--model", str(tmp_path)], "no model_index.json"),
+        (["--reward", "nope"], "unknown reward 'nope'"),
+        (["--prompts", str(tmp_path / "missing.txt")], "missing.txt' does not exist"),
+        (["--group-size", "1"], "--group-size 1: centring within a prompt needs K >= 2"),
+        (["--centering", "global"], "--centering 'global': choose one of prompt, batch"),
+        (["--reward-options", "ocr.nope=1"], "ocr takes"),
+    ]
+    for args, message in cases:
+        out = run_cli("--output-dir", str(tmp_path / "runs"), *args)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert message in out.stderr and "Traceback" not in out.stderr + out.stdout, (args, out.stderr[-2000:])
+    offline = run_cli("--eval", "--preset", "sd35m_ocr", "--eval-rewards", "", "--output-dir", str(tmp_path / "runs"),
+                      env={"HF_HUB_OFFLINE": "1"})  # a hub id with no network and no cache
+    assert offline.returncode == 2 and "cannot load --model 'stabilityai/stable-diffusion-3.5-medium'" in \
+        offline.stderr and "HF_HUB_OFFLINE" in offline.stderr and "Traceback" not in offline.stderr
+    debug = run_cli("--iterations", "0", env={"CRD_DEBUG": "1"})  # the traceback is there when asked for
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "InputError" in debug.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, signals and resume
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_refuses_a_changed_algorithm(tmp_path):
+    crd.main(tiny_config(tmp_path, iterations=1))
+    with pytest.raises(ValueError, match="beta: 1.0 -> 0.5"):
+        crd.main(tiny_config(tmp_path, iterations=2, resume="auto", beta=0.5))
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
+    optimizer = torch.optim.AdamW(params["theta"])
+    path, cfg = str(tmp_path / "checkpoint.pt"), crd.Config()
+    plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 3, "step": 6})
+
+    def dying_save(obj, file):  # writes half a file, then the process "dies"
+        with open(file, "wb") as f:
+            f.write(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    params["theta"][0].fill_(5.0)
+    with pytest.raises(KeyboardInterrupt):
+        plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 4, "step": 8})
+    monkeypatch.undo()
+    assert plumbing.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 3, "step": 6}
+    assert params["theta"][0].tolist() == [1.0, 1.0]
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_a_real_one_loads_weights_only(tmp_path):
+    params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
+    optimizer = torch.optim.AdamW(params["theta"])
+    params["theta"][0].grad = torch.ones(2)
+    optimizer.step()  # a real AdamW state: tensors, numbers, tuples
+    cfg, path = crd.Config(), str(tmp_path / "checkpoint.pt")
+    plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 1, "step": 1})
+    assert plumbing.load_checkpoint(path, cfg, params, optimizer) == {"iteration": 1, "step": 1}
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"config": {}, "state": {}, "optimizer": {}, "lora": {}, "payload": torch.nn.Linear(1, 1)}, evil)
+    with pytest.raises(crd.InputError, match="evil.pt: not a readable CRD checkpoint"):
+        plumbing.load_checkpoint(evil, cfg, params, optimizer)
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"weights": torch.ones(1)}, foreign)
+    with pytest.raises(crd.InputError, match="foreign.pt: not a CRD checkpoint"):
+        plumbing.load_checkpoint(foreign, cfg, params, optimizer)
+
+
+def test_sigint_stops_after_the_iteration_with_a_checkpoint_that_resumes(tmp_path):
+    import signal
+    flags = ["--reward", "ink", "--run-name", "sig", "--output-dir", str(tmp_path), "--prompts-per-iteration", "2",
+             "--group-size", "2", "--micro-batch-size", "2", "--train-timesteps", "1", "--num-steps", "3",
+             "--eval-num-steps", "3", "--eval-count", "2", "--eval-every", "0", "--checkpoint-every", "1000",
+             "--lora-rank", "4"]
+    command = [sys.executable, os.path.join(os.path.dirname(__file__), "crd.py"), *flags]
+    process = subprocess.Popen(command + ["--iterations", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    output = []
+    for line in process.stdout:  # wait for the first finished iteration, then press Ctrl-C
+        output.append(line)
+        if line.startswith("it   0 |"):
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 0, "".join(output)
+    assert "continue with the same command plus --resume auto" in "".join(output)
+    done = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["state"]["iteration"]
+    assert 1 <= done < 1000
+    subprocess.run(command + ["--iterations", str(done + 1), "--resume", "auto"], check=True, capture_output=True)
+    assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["state"]["iteration"] == done + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation, trackers, torchrun, the one-way import rule
+# ---------------------------------------------------------------------------------------------------------------
+def test_held_out_evaluation_gives_prompt_i_the_seed_seed_plus_i_whatever_the_batching():
+    """plumbing.evaluate: prompt i is drawn with seed `seed + i` in any batch size (every model compared sees the
+    same noise), rewards come back in prompt order, the unseen metric scores the very images the reward scored,
+    and GenEval tags give per-tag means and their mean."""
+    calls = []
+
+    def generate(prompts, seeds):  # an image whose grey level is its seed: the reward can read the seed back
+        calls.append(list(seeds))
+        return [Image.new("RGB", (4, 4), (s, s, s)) for s in seeds]
+
+    def grey(images, prompts):
+        return torch.tensor([image.getpixel((0, 0))[0] / 255 for image in images]), {}
+
+    prompts = [json.dumps({"prompt": f"prompt {i}", "tag": "a" if i < 3 else "b"}) for i in range(5)]
+    results = [plumbing.evaluate(generate, grey, prompts, batch_size=size, seed=100, unseen={"grey": grey})
+               for size in (2, 5)]
+    assert calls == [[100, 101], [102, 103], [104], [100, 101, 102, 103, 104]]
+    for result in results:
+        assert result["rewards"].tolist() == pytest.approx([s / 255 for s in range(100, 105)])
+        assert result["unseen"]["grey"] == pytest.approx(result["reward"]) and result["n"] == 5
+        assert result["per_tag"]["a"]["reward"] == pytest.approx(101 / 255)
+        assert result["per_tag"]["b"]["reward"] == pytest.approx(103.5 / 255)
+        assert result["tag_mean"]["reward"] == pytest.approx((101 + 103.5) / 2 / 255)
+
+
+def test_log_to_tensorboard_writes_the_metrics_keys_and_the_held_out_grid(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = crd.main(tiny_config(tmp_path, iterations=1, log_to="tensorboard"))
+    events = EventAccumulator(str(tmp_path / "test" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"reward/mean", "loss/crd", "eval/reward", "crd/corr"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("reward/mean")[0].value == pytest.approx(metrics[0]["reward/mean"])
+    assert "eval/grid" in events.Tags()["images"]
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import crd
+
+recorded, adapters = [], {}
+normalize, add_adapters = crd.normalize_rewards, crd.add_lora_adapters
+crd.normalize_rewards = lambda rewards, **kw: recorded.append(normalize(rewards, **kw)) or recorded[-1]
+crd.add_lora_adapters = lambda *a, **kw: adapters.update(add_adapters(*a, **kw)) or adapters
+crd.main(crd.Config(**json.loads(sys.argv[2])))
+torch.save({"normalized": recorded, "theta": [p.detach().clone() for p in adapters["theta"]]},
+           os.path.join(sys.argv[3], f"rank{os.environ.get('RANK', 'single')}.pt"))
+"""
+
+
+def test_torchrun_two_ranks_agree_with_each_other_and_with_one_process(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    cfg = dataclasses.asdict(tiny_config(tmp_path / "out", iterations=2, train_timesteps=2))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    here, json.dumps(cfg), str(tmp_path)], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, str(script), here, json.dumps(cfg | {"run_name": "single"}), str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    rank0, rank1, single = (torch.load(tmp_path / f"rank{r}.pt") for r in ("0", "1", "single"))
+    assert all(torch.equal(a, b) for a, b in zip(rank0["theta"], rank1["theta"]))  # gradients were averaged
+    # iteration 0: the same prompts and seeds, split over two ranks, give the same centred rewards as one process
+    assert torch.allclose(rank0["normalized"][0], single["normalized"][0], atol=1e-4)
+    assert torch.equal(rank0["normalized"][0], rank1["normalized"][0])
+
+
+def test_imports_run_one_way_crd_plumbing_reward_geneval():
+    """`python crd.py` runs crd.py as __main__: a plumbing.py that imported crd would load a second copy of it. And
+    the modules a fork copies import one way only: crd -> plumbing -> reward -> geneval, so an OCR fork needs no
+    geneval.py (reward.py imports it only inside functions, for a GenEval reward)."""
+    import ast
+
+    def imports(module, top_level_only=False):
+        tree = ast.parse(open(module.__file__).read())
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        names = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        return names | {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
+
+    assert "crd" not in imports(plumbing) and "reward" in imports(plumbing)
+    assert not {"crd", "plumbing"} & imports(reward) and "geneval" not in imports(reward, top_level_only=True)
+    assert not {"crd", "plumbing", "reward"} & imports(geneval)
