@@ -1,10 +1,10 @@
 """CRD: Centered Reward Distillation for text-to-image flow models, the whole algorithm in one file.
 
 Paper: Zhu, Wang, Lathuiliere, Kalogeiton, "Diffusion Reinforcement Learning via Centered Reward Distillation",
-arXiv:2603.14128. Details follow the first author's Flow-Factory port (X-GenGroup/Flow-Factory PR #121) and
-DiffusionNFT (NVlabs/DiffusionNFT), as reconstructed in docs/method.md; `# Eq. (n)` tags refer to that page.
-This is a reference to read and copy, not a library. What is not CRD (input checks and the command line, the run
-directory, held-out evaluation, checkpoints, curves, torchrun, signals) is in plumbing.py; the rewards in reward.py.
+arXiv:2603.14128. The equations and Algorithm 1 as this project reconstructs them (from the first author's
+Flow-Factory port, DiffusionNFT and the author's slides) are in docs/method.md: the `# Eq. (n)` and `# Alg. 1, line k`
+tags refer to it. What is not CRD (input checks and the command line, the run directory, held-out evaluation,
+checkpoints, curves, torchrun, signals) is in plumbing.py; the rewards in reward.py (GenEval's in geneval.py).
 
 The idea: for each prompt c the KL-regularised optimum is p* = p_old exp(r/beta) / Z(c), so
 beta log p*/p_old = r - beta log Z(c). Z(c) is unknown but the same for every sample of c: centring both sides
@@ -12,58 +12,51 @@ within the prompt's group of K samples removes it exactly. CRD regresses the cen
 difference between the trained and a slow reference model, computed on clean samples only) onto the centred
 external reward.
 
-Algorithm 1 (docs/method.md; main() tags each line `# Alg. 1, line k`, lines 4-7 inside `update`, which it calls):
+Algorithm 1 (main() tags each line; lines 4-7 are inside `update`):
   0  theta_old <- theta; theta_samp <- theta; s <- 0                                    add_lora_adapters
   1  for each iteration:                                                                 main
-  2    draw P prompts; K samples each with the sampler snapshot (Euler ODE, no CFG),
-       keep the clean x0                                                                 draw_prompts, rollout
+  2    draw P prompts; K samples each with the sampler snapshot (Euler ODE, no CFG)     draw_prompts, rollout
   3    rewards r in [0, 1]; normalise within groups to r~ (Eq. 6)                        score
   4    for each micro-batch of whole prompt groups:                                      update
-  5      for each of T timesteps from the sampler's schedule: noise x0 (Eq. 1), the
-         same x_sigma for theta, old and the pretrained model                            update
-  6        implicit reward r^ (Eq. 5), centred regression L_CRD (Eq. 7) + the KL
-           anchor to the CFG-guided pretrained model (Eq. 9) weighted by reward
+  5      for each of T timesteps: noise x0 (Eq. 1), one x_sigma for theta, old, pre      update
+  6        r^ (Eq. 5), L_CRD (Eq. 7) + the CFG-anchor KL (Eq. 9) weighted by reward
            (Eq. 10); backward / n_accum                                                  crd_pass
   7        every n_accum passes: clip the gradient norm, AdamW step, s <- s + 1          update
-  8    move the two EMA snapshots toward theta (Eq. 8): old (implicit-reward
-       reference) and sampler (rollout policy)                                           move_snapshots
+  8    move the old and sampler EMA snapshots toward theta (Eq. 8)                       move_snapshots
 
-Deviations / choices (the open questions of the reconstruction; each is a flag):
-  1. w(t) in Eq. (5): the port's adaptive normalisation (per-sample mean |error|, detached); --no-adaptive-norm.
-  2. Centring per prompt group (the paper's statement); --centering batch gives the port's micro-batch centring.
-  3. Eq. (10) uses the normalised reward r~ of Eq. (6) (the port); --kl-reward raw uses r.
-  4. Training timesteps: T per sample per iteration, drawn without replacement from the first
-     floor(timestep_range * num_steps) steps of the sampler schedule (--train-timesteps; 9 = all, as DiffusionNFT).
-     All samples of a pass share its timestep, as in the port, so Eq. (7) centres r^ of one noise level
-     (--no-shared-timesteps: one draw per sample). The noise eps is fresh per sample (--group-noise: per group).
-  5. Rollouts: the pipeline's own deterministic Euler sampler (FlowMatchEulerDiscreteScheduler), no DPM-Solver.
-  6. The std in Eq. (6) is the population std over all samples of the iteration (numpy's default, as NFT).
-  7. All randomness of iteration i (prompts, sampling seeds, training noise) comes from generators seeded by
-     (seed, i), so a resumed run repeats the exact same draws without storing RNG states.
-  8. CPU default: a tiny SD3 text-rendering model shipped in assets/ (tools/pretrain_tiny.py), sizes scaled down;
-     the paper's recipe is the `sd35m_ocr` preset.
-  9. For comparisons, --objective nft swaps in the DiffusionNFT loss (Appendix A; reference = its sampler
-     snapshot, KL 1e-4 to the pretrained model without CFG) and --objective anchor keeps only the KL term.
- 10. Diagnostics of the reward term (crd/corr, crd/explained, ema/tau_*) and an unseen metric at every held-out
-     evaluation (--eval-rewards, default ppocr: the same OCR reward read by a second engine) are logged.
-
-Launch:
-  python crd.py --reward ocr                                       # CPU, embedded tiny model, ~11 min
-  python crd.py --preset sd35m_ocr --prompts my_train_prompts.txt  # one GPU, SD3.5-M
-  python crd.py --eval [--lora runs/NAME/lora] [--eval-guidance-scale 3]   # score a model on held-out prompts
-  python crd.py --resume runs/NAME/checkpoint.pt                   # continue a run exactly
+Deviations and open choices (where the sources differ or are silent; each has a flag):
+  1. Time weighting. Eq. (5) divides each squared error by its detached per-sample mean |error| (the port;
+     --no-adaptive-norm drops it); Eq. (7) weights each sample's term by its sigma (--time-weighting sigma, the CPU
+     default: at theta = old the gradient is then DiffusionNFT's) or uniformly (uniform: the port, sd35m_ocr).
+  2. Centring within each prompt's group (the paper); --centering batch centres the micro-batch, as the port.
+  3. Eq. (10) scales the KL by the normalised reward r~ of Eq. (6), as the port; --kl-reward raw uses r.
+  4. Training timesteps: T distinct steps at random from the first floor(timestep_range * num_steps) of the
+     sampler schedule, all samples of a pass at one sigma (the port shares too; --no-shared-timesteps), fresh eps
+     per sample (--group-noise: per group); --timestep-draw stratified is the port's fixed draw (sd35m_ocr).
+  5. Rollouts: the pipeline's deterministic Euler sampler with diffusers' sigma spacing; --sigma-schedule port
+     spaces them as the port (sd35m_ocr). No DPM-Solver.
+  6. The std of Eq. (6) is the population std over the iteration's samples, as DiffusionNFT.
+  7. The CPU default caps both EMA decays of Eq. (8) at 0.5 (--old-decay-max, --sampler-decay-max): the OCR
+     recipe's 0.999, built for thousands of optimizer steps, freezes both snapshots within ~100 iterations.
+  8. LoRA weights and snapshots stay fp32 on a bf16 model (the port keeps them in bf16, where an EMA of 0.999
+     barely moves); held-out scores are of theta itself, not of an EMA of theta as in the port.
 
 Conventions: sigma = 1 is noise (SD3), x_sigma = (1 - sigma) x0 + sigma eps, velocity target u = eps - x0;
 scheduler timestep t = 1000 sigma. Shapes: P prompts per iteration, K samples per prompt (group_size),
 N = P*K samples, B a micro-batch of whole groups, (C, H, W) the latent. "mean_CHW" averages over the latent
-dimensions of each sample; losses are reduced in fp32.
+dimensions of each sample; losses are reduced in fp32. Every draw of iteration i comes from generators seeded by
+(seed, i), so a resumed run repeats a straight one exactly.
 """
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
 import sys
+import types
+import typing
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -76,6 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-sd3-text")
 TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
 SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model
+MODEL_HINTS = {SHAPES_MODEL: "make it with `python tools/pretrain_tiny.py --world shapes` (~30 min on 2 cores)"}
 LORA_TARGETS = ",".join(f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                                                      "add_v_proj", "to_add_out"))  # joint attention (SD3.5-M's attn2
                                                                                   # layers get none, as in the port)
@@ -84,128 +78,133 @@ LORA_TARGETS = ",".join(f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_
 # ----------------------------------------------------------------------------------------------------------------
 # Config: every field is a --flag (its comment is the --help text); plumbing.check_config says what is impossible
 # ----------------------------------------------------------------------------------------------------------------
+Sizes = collections.namedtuple("Sizes", "samples passes n_accum")  # per process and iteration; see Config.sizes
+
+
+# Value ranges of Config's fields, as annotations; choices are Literal[...] (plumbing.check_config reads both)
+PositiveInt, PositiveFloat = Annotated[int, "> 0"], Annotated[float, "> 0"]
+NonNegativeInt, NonNegativeFloat = Annotated[int, ">= 0"], Annotated[float, ">= 0"]
+Fraction, UnitInterval = Annotated[float, "[0, 1)"], Annotated[float, "(0, 1]"]
+
+
 @dataclasses.dataclass
 class Config:
     # run
     run_name: str = "crd-tiny-ocr"  # name of the output folder under output_dir
     output_dir: str = "runs"  # where runs/<run_name>/ is written
-    seed: int = 0  # seeds every draw of the run (prompts, sampling noise, training noise)
+    seed: NonNegativeInt = 0  # seeds every draw of the run (prompts, sampling noise, training noise)
     device: str = "auto"  # auto (cuda > mps > cpu), or a torch device string
-    iterations: int = 150  # number of CRD iterations (Alg. 1 outer loop)
+    iterations: PositiveInt = 150  # number of CRD iterations (Alg. 1 outer loop)
     resume: str = ""  # checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)
     # model
     model: str = TINY_MODEL  # diffusers StableDiffusion3Pipeline: local directory or hub id
-    height: int = 32  # image height in pixels
-    width: int = 96  # image width in pixels
-    max_sequence_length: int = 2  # T5 tokens (the tiny model has no T5: zeros of this length)
-    mixed_precision: str = "no"  # 'bf16' autocast on GPU (LoRA weights stay fp32), 'no' for fp32
-    gradient_checkpointing: bool = False  # recompute transformer activations in backward (saves GPU memory for SD3.5-M,
-                                          # costs ~30 % time)
-    text_encoders_on_cpu: bool = False  # keep the text encoders (T5-XXL: ~9.5 GB in bf16) on the CPU; their embeddings
-                                        # are moved to the GPU
-    prompt_cache: int = 0  # keep the text embeddings of this many distinct prompts on the CPU (LRU) instead of
-                           # re-encoding; 0 = off
-    lora_rank: int = 32  # LoRA rank r on the attention projections
-    lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
+    height: PositiveInt = 32  # image height in pixels
+    width: PositiveInt = 96  # image width in pixels
+    max_sequence_length: PositiveInt = 2  # T5 tokens (the tiny model has no T5: zeros of this length)
+    mixed_precision: Literal["no", "bf16"] = "no"  # 'bf16' autocast on GPU (LoRA weights stay fp32), 'no' for fp32
+    gradient_checkpointing: bool = False  # recompute activations in backward (SD3.5-M memory; ~30 % slower)
+    text_encoders_on_cpu: bool = False  # keep the text encoders (T5-XXL: ~9.5 GB in bf16) on the CPU
+    prompt_cache: NonNegativeInt = 0  # keep the text embeddings of this many distinct prompts on the CPU; 0 = off
+    lora_rank: PositiveInt = 32  # LoRA rank r on the attention projections
+    lora_alpha: PositiveInt = 64  # LoRA alpha (scale alpha / r)
     lora_targets: str = LORA_TARGETS  # comma-separated transformer module names that get LoRA
     # sampling
     prompts: str = os.path.join(TINY_DATA, "train.txt")  # training prompts, one per line (OCR target in double quotes)
-    max_prompts: int = 0  # train on the first N lines of --prompts only (the port's max_dataset_size); 0 = all
-    prompts_per_iteration: int = 8  # P: prompts drawn per iteration
-    group_size: int = 8  # K: samples per prompt; centring (Eq. 7) needs K >= 2
-    num_steps: int = 10  # Euler steps of a rollout
-    sigma_schedule: str = "diffusers"  # the N Euler sigmas before the scheduler's shift (rollouts, evaluation,
-                                       # training): 'diffusers' (the pipeline's own, linspace(1, sigma_min, N)) or
-                                       # 'port' (Flow-Factory's linspace(1, 1/N, N))
-    guidance_scale: float = 1.0  # CFG scale of rollouts (1.0 = none, as in the paper)
+    max_prompts: NonNegativeInt = 0  # train on the first N lines of --prompts only (the port's cap); 0 = all
+    prompts_per_iteration: PositiveInt = 8  # P: prompts drawn per iteration
+    group_size: PositiveInt = 8  # K: samples per prompt; centring (Eq. 7) needs K >= 2
+    num_steps: PositiveInt = 10  # Euler steps of a rollout
+    sigma_schedule: Literal["diffusers", "port"] = "diffusers"  # Euler sigmas before the shift (see schedule_sigmas)
+    guidance_scale: PositiveFloat = 1.0  # CFG scale of rollouts (1.0 = none, as in the paper)
     # evaluation
     eval_prompts: str = os.path.join(TINY_DATA, "heldout.txt")  # held-out prompts, never trained on
-    eval_count: int = 256  # held-out prompts scored per evaluation: lines [eval_start, eval_start + eval_count) of the
-                           # file
-    eval_start: int = 0  # first held-out prompt scored (0-based line index; e.g. 256 scores prompts 257-512 of
-                         # data/tiny_ocr)
-    eval_every: int = 25  # evaluate every this many iterations (and before the first and after the last); 0 = only
-                          # those two
-    eval_num_steps: int = 10  # Euler steps at evaluation
-    eval_guidance_scale: float = 1.0  # CFG scale at evaluation (1.0 = none)
+    eval_count: PositiveInt = 256  # held-out prompts scored per evaluation, from line eval_start on
+    eval_start: NonNegativeInt = 0  # first held-out prompt scored (0-based; 256 = prompts 257-512 of data/tiny_ocr)
+    eval_every: NonNegativeInt = 25  # evaluate every this many iterations, and before and after the run (0: only then)
+    eval_num_steps: PositiveInt = 10  # Euler steps at evaluation
+    eval_guidance_scale: PositiveFloat = 1.0  # CFG scale at evaluation (1.0 = none)
     # reward
-    reward: str = "ocr"  # reward name in reward.REWARDS
-    eval_rewards: str = "ppocr"  # comma-separated rewards also scored at every held-out evaluation but never optimised
-                                 # (unseen metrics; ppocr = the OCR reward read by PaddleOCR's PP-OCRv4, a second
-                                 # engine); '' = none
-    reward_options: str = ""  # the reward factories' arguments, NAME.ARGUMENT=VALUE comma-separated: model ids or local
-                              # folders (e.g. geneval.detector=DIR,geneval.clip=DIR,pickscore.model=DIR),
-                              # geneval.position_bug=true; '' = their defaults
-    ocr_detection: bool = False  # OCR rewards detect text boxes before reading them (full-size images); off: the
-                                 # recogniser reads the whole image as one line (the tiny model's 96x32 single-line
-                                 # renders, ~2x faster)
+    reward: str = "ocr"  # reward name in reward.REWARDS, or a weighted sum such as ocr:1,ink:0.5
+    eval_rewards: str = "ppocr"  # comma-separated unseen metrics scored at each evaluation, never optimised; '' = none
+    reward_options: str = ""  # reward factories' arguments, NAME.ARGUMENT=VALUE,... (e.g. geneval.detector=DIR)
+    ocr_detection: bool = False  # OCR detects text boxes first (full size); off: reads the whole image as one line
     # CRD loss
-    objective: str = "crd"  # 'crd' (Eqs. 5-10), 'nft' (DiffusionNFT baseline, Appendix A) or 'anchor' (reward-free
-                            # control: KL only)
-    nft_beta: float = 1.0  # beta_NFT of Eq. (A1), used only with --objective nft
-    beta: float = 1.0  # beta of Eqs. (3)-(7): KL strength toward the old model = inverse reward temperature
+    objective: Literal["crd", "nft", "anchor"] = "crd"  # CRD, the DiffusionNFT baseline, or the reward-free control
+    nft_beta: PositiveFloat = 1.0  # beta_NFT of Eq. (A1), used only with --objective nft
+    beta: PositiveFloat = 1.0  # beta of Eqs. (3)-(7): KL strength toward the old model = inverse reward temperature
     adaptive_norm: bool = True  # per-sample adaptive normalisation of the denoising errors in Eq. (5)
-    centering: str = "prompt"  # Eq. (7) centring: 'prompt' (within each group of K) or 'batch' (over the micro-batch,
-                               # the port)
-    loss_type: str = "mse"  # Eq. (7) regression: 'mse' or 'bce' (BCEWithLogits(beta R^, sigmoid(R)))
-    time_weighting: str = "uniform"  # lambda(sigma), the weight of each sample's Eq. (7) term by its noise level:
-                                     # 'uniform' (the port) or 'sigma' (at theta = old the gradient is then
-                                     # DiffusionNFT's)
-    train_timesteps: int = 3  # T: training timesteps per sample per iteration, from the sampler schedule
-    timestep_draw: str = "random"  # which T of the S kept steps: 'random' (T distinct, in random order) or 'stratified'
-                                   # (the port's discrete sampler: steps floor(k (S - 1) / T) for k < T, noisiest
-                                   # first, the same for every sample; T may exceed S)
-    shared_timesteps: bool = True  # all samples of a pass share its sigma (the port), so centring compares samples at
-                                   # one noise level; off: each sample draws its own
-    group_noise: bool = False  # the K samples of a prompt share the noise eps of a pass (common random numbers: the
-                               # within-group differences of r^ then come from the samples, not from the noise); off:
-                               # fresh eps per sample (the port)
-    timestep_range: float = 0.99  # keep the first floor(timestep_range * num_steps) schedule steps for training (drops
-                                  # the near-clean tail)
+    centering: Literal["prompt", "batch"] = "prompt"  # Eq. (7) centring: within each group of K, or the micro-batch
+    loss_type: Literal["mse", "bce"] = "mse"  # Eq. (7) regression: mse, or BCEWithLogits(beta R^, sigmoid(R))
+    time_weighting: Literal["uniform", "sigma"] = "sigma"  # lambda of Eq. (7): each sample's sigma, or 1 (the port)
+    train_timesteps: PositiveInt = 3  # T: training timesteps per sample per iteration, from the sampler schedule
+    timestep_draw: Literal["random", "stratified"] = "random"  # T distinct at random, or the port's (draw_timesteps)
+    shared_timesteps: bool = True  # all samples of a pass share its sigma (the port); off: one draw per sample
+    group_noise: bool = False  # the K samples of a prompt share the pass's noise eps; off: fresh eps per sample
+    timestep_range: UnitInterval = 0.99  # train on the first floor(timestep_range * num_steps) schedule steps
     # drift control
     slow_reference: bool = True  # old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration
-    old_decay_start: float = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8)
-    old_decay_rate: float = 0.005  # see old_decay_start
-    old_decay_max: float = 0.5  # see old_decay_start (0.5: the cap of the default schedules the port's docstrings
-                                # give for the original CRD code, and of DiffusionNFT's GenEval sampler; the OCR
-                                # recipe's 0.999, as in sd35m_ocr, freezes both snapshots within ~100 iterations)
-    decoupled_sampler: bool = True  # rollouts from an EMA sampler snapshot with eta_samp of Eq. (8); off: rollouts from
-                                    # theta
-    sampler_decay_delay: int = 75  # eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)
-    sampler_decay_rate: float = 0.0075  # see sampler_decay_delay
-    sampler_decay_max: float = 0.5  # see sampler_decay_delay (0.5 as old_decay_max)
-    kl_beta: float = 0.1  # strength of the KL anchor to the pretrained model, Eq. (10); 0 switches the anchor off
-    kl_cfg: float = 4.5  # CFG scale of the anchor's pretrained velocity, Eq. (9); 1.0 = anchor to the no-CFG model
+    old_decay_start: Fraction = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8)
+    old_decay_rate: NonNegativeFloat = 0.005  # see old_decay_start
+    old_decay_max: Fraction = 0.5  # see old_decay_start (the OCR recipe's 0.999: sd35m_ocr)
+    decoupled_sampler: bool = True  # rollouts from an EMA snapshot with eta_samp of Eq. (8); off: from theta
+    sampler_decay_delay: NonNegativeInt = 75  # eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)
+    sampler_decay_rate: NonNegativeFloat = 0.0075  # see sampler_decay_delay
+    sampler_decay_max: Fraction = 0.5  # see sampler_decay_delay (the OCR recipe's 0.999: sd35m_ocr)
+    kl_beta: NonNegativeFloat = 0.1  # weight of the KL anchor to the pretrained model, Eq. (10); 0 = no anchor
+    kl_cfg: NonNegativeFloat = 4.5  # CFG scale of the anchor's pretrained velocity, Eq. (9); 1.0 = no CFG
     adaptive_kl: bool = True  # reward-adaptive KL weight of Eq. (10); off: kl_beta for every sample
-    kl_reward: str = "normalized"  # reward that scales the adaptive KL weight: 'normalized' (r~ of Eq. 6) or 'raw' (r)
+    kl_reward: Literal["normalized", "raw"] = "normalized"  # reward in Eq. (10): r~ of Eq. (6), or the raw r
     # optimisation
-    learning_rate: float = 1e-3  # AdamW learning rate (constant)
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    weight_decay: float = 1e-4  # AdamW weight decay
-    adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # gradient-norm clip
-    skip_nonfinite: bool = False  # skip and count passes / steps with a non-finite loss or gradient norm instead of
-                                  # stopping the run
-    optimizer_steps_per_iteration: int = 2  # AdamW steps per iteration; gradients accumulate over the passes in between
-    micro_batch_size: int = 32  # samples per forward/backward pass; a multiple of group_size so groups stay whole
-    sample_batch_size: int = 64  # rollout images per pipeline call (no gradients; bounds sampling memory at full size)
+    learning_rate: PositiveFloat = 1e-3  # AdamW learning rate (constant)
+    adam_beta1: Fraction = 0.9  # AdamW beta1
+    adam_beta2: Fraction = 0.999  # AdamW beta2
+    weight_decay: NonNegativeFloat = 1e-4  # AdamW weight decay
+    adam_eps: PositiveFloat = 1e-8  # AdamW epsilon
+    max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
+    skip_nonfinite: bool = False  # skip and count non-finite losses / gradient norms instead of stopping
+    optimizer_steps_per_iteration: PositiveInt = 2  # AdamW steps per iteration (gradients accumulate in between)
+    micro_batch_size: PositiveInt = 32  # samples per forward/backward pass, whole prompt groups
+    sample_batch_size: PositiveInt = 64  # rollout images per pipeline call (bounds sampling memory at full size)
     # logging / checkpoints
-    sample_every: int = 5  # save a captioned grid of rollouts every this many iterations
-    checkpoint_every: int = 1  # write runs/<run_name>/checkpoint.pt every this many iterations (and at the end, or when
-                               # stopped)
-    log_to: str = ""  # live curves besides metrics.jsonl: 'tensorboard' (runs/<run_name>/tensorboard) or 'wandb'
-                      # (WANDB_MODE=offline works offline); '' = metrics.jsonl only
+    sample_every: PositiveInt = 5  # save a captioned grid of rollouts every this many iterations
+    checkpoint_every: PositiveInt = 1  # write checkpoint.pt every this many iterations (and at the end, or on stop)
+    log_to: Literal["", "tensorboard", "wandb"] = ""  # live curves besides metrics.jsonl (wandb syncs tensorboard)
 
     def sizes(self, world_size=1):
-        """Derived sizes, computed in one place: (samples per process, passes per iteration, passes per step)."""
+        """Derived sizes, in one place: samples per process, passes per iteration, n_accum = passes per AdamW step."""
         samples = self.prompts_per_iteration // world_size * self.group_size
         passes = samples // self.micro_batch_size * self.train_timesteps
-        return samples, passes, passes // self.optimizer_steps_per_iteration
+        return Sizes(samples, passes, passes // self.optimizer_steps_per_iteration)
+
+    def check(self, world_size=1):
+        """Raise InputError for sizes Algorithm 1 cannot run with (the value ranges are checked first, by
+        plumbing.check_config): K >= 2, whole prompt groups per micro-batch and per process, passes that split into
+        the optimizer steps, and T within the kept schedule steps."""
+        samples, passes, _ = self.sizes(world_size)
+        kept = int(self.timestep_range * self.num_steps)
+        problems = [
+            (self.group_size < 2, f"--group-size {self.group_size}: centring within a prompt needs K >= 2 samples"),
+            (self.micro_batch_size % self.group_size, f"--micro-batch-size {self.micro_batch_size} is not a multiple "
+             f"of --group-size {self.group_size}: micro-batches must hold whole prompt groups"),
+            (self.prompts_per_iteration % world_size, f"--prompts-per-iteration {self.prompts_per_iteration} is not "
+             f"divisible by the {world_size} processes"),
+            (samples % self.micro_batch_size, f"{samples} samples per process are not a whole number of micro-batches "
+             f"of {self.micro_batch_size}; change --micro-batch-size or --prompts-per-iteration"),
+            (passes % self.optimizer_steps_per_iteration, f"{passes} forward/backward passes per iteration cannot be "
+             f"split into {self.optimizer_steps_per_iteration} optimizer steps; change "
+             f"--optimizer-steps-per-iteration or --train-timesteps"),
+            (kept < 1, f"--timestep-range {self.timestep_range} keeps no step of the {self.num_steps}-step schedule"),
+            (self.timestep_draw == "random" and self.train_timesteps > kept, f"--train-timesteps "
+             f"{self.train_timesteps} must be in [1, {kept}] (the kept schedule steps, drawn without replacement; "
+             f"--timestep-draw stratified repeats them)")]
+        for failed, message in problems:
+            if failed:
+                raise InputError(message)
 
 
 def tiny_ocr():
-    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward (~11 min on 2 cores)."""
+    """The CPU default: CRD on the embedded tiny SD3 text model with the OCR reward, 150 iterations, both EMA decays
+    capped at 0.5 and sigma-weighted Eq. (7) (Deviations 1 and 7, chosen on data/tiny_ocr/val.txt: docs/results.md)."""
     return Config()
 
 
@@ -213,12 +212,14 @@ def tiny_geneval():
     """GenEval on the CPU: CRD on a tiny SD3 shapes model (64x64 scenes of flat shapes, assets/tiny-sd3-shapes, made
     by tools/pretrain_tiny.py --world shapes) with GenEval's rules on the shapes world's detector
     (reward geneval_shapes, prompts data/tiny_geneval from tools/shapes_world.py). kl_beta 2 was chosen on the
-    validation prompts among 0.1 / 0.5 / 2 (GenEval score, 3 seeds each; README)."""
+    validation prompts among 0.1 / 0.5 / 2 (GenEval score, 3 seeds each; docs/results.md), with the OCR recipe's EMA
+    schedules and uniform time weighting, as it was measured."""
     return dataclasses.replace(
         Config(), run_name="crd-tiny-geneval", model=SHAPES_MODEL, height=64,
         width=64, prompts=os.path.join(HERE, "data", "tiny_geneval", "train.jsonl"),
         eval_prompts=os.path.join(HERE, "data", "tiny_geneval", "heldout.jsonl"), reward="geneval_shapes",
-        eval_rewards="geneval_shapes_poly", kl_beta=2.0, iterations=75, old_decay_max=0.999, sampler_decay_max=0.999)
+        eval_rewards="geneval_shapes_poly", kl_beta=2.0, iterations=75, old_decay_max=0.999, sampler_decay_max=0.999,
+        time_weighting="uniform")
 
 
 def sd35m_ocr():
@@ -232,7 +233,8 @@ def sd35m_ocr():
         prompts="", eval_prompts=os.path.join(HERE, "data", "ocr_test.txt"), learning_rate=3e-4,
         micro_batch_size=24, sample_batch_size=48, iterations=1000, sample_every=10, checkpoint_every=10,
         prompt_cache=2048, ocr_detection=True, old_decay_max=0.999, sampler_decay_max=0.999, max_prompts=1024,
-        train_timesteps=20, timestep_draw="stratified", timestep_range=1.0, sigma_schedule="port")
+        train_timesteps=20, timestep_draw="stratified", timestep_range=1.0, sigma_schedule="port",
+        time_weighting="uniform")
 
 
 def sd35m_geneval():
@@ -306,23 +308,36 @@ def group_center(x, group_size, centering="prompt", detach_mean=False):
     return (groups - (mean.detach() if detach_mean else mean)).flatten()
 
 
-def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt", loss_type="mse", weights=None):
-    """Centered reward distillation loss, Eq. (7).
-
-    implicit_rewards r^: (N,), with gradient; rewards r~: (N,) normalised external rewards in [0, 1] (Eq. 6);
-    groups of `group_size` contiguous. R = r~ - mean_group r~, R^ = r^ - sg(mean_group r^);
-    mse: (5 / beta) mean lambda (beta R^ - R)^2; bce: the mean of lambda BCEWithLogits(beta R^, sigmoid(R)).
-    weights lambda: (N,) >= 0, e.g. each sample's sigma (--time-weighting sigma, Deviation 1); None = 1.
-    Returns a scalar (fp32). A constant added to the rewards (or implicit rewards) of one group does not change it.
-    """
+def centred_rewards(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt"):
+    """The two sides of Eq. (7): (beta R^, R), both (N,) fp32, with R = r~ - mean_group r~ and
+    R^ = r^ - sg(mean_group r^). implicit_rewards r^: (N,), with gradient; rewards r~: (N,) in [0, 1] (Eq. 6);
+    groups of `group_size` contiguous ('batch' centring: one group of N)."""
     target = group_center(rewards.float(), group_size, centering)
     predicted = beta * group_center(implicit_rewards.float(), group_size, centering, detach_mean=True)
+    return predicted, target
+
+
+def distillation_loss(predicted, target, beta=1.0, loss_type="mse", weights=None):
+    """The regression of Eq. (7) on its centred sides (`centred_rewards`): mse (5 / beta) mean lambda (beta R^ - R)^2,
+    or bce: the mean of lambda BCEWithLogits(beta R^, sigmoid(R)). weights lambda: (N,) >= 0, e.g. each sample's
+    sigma (--time-weighting sigma, Deviation 1); None = 1. Returns a scalar (fp32)."""
     if loss_type == "bce":
         scale, per_sample = 1.0, torch.nn.functional.binary_cross_entropy_with_logits(
             predicted, torch.sigmoid(target), reduction="none")
     else:
         scale, per_sample = 5.0 / beta, (predicted - target) ** 2
     return scale * (per_sample if weights is None else weights.float() * per_sample).mean()
+
+
+def crd_loss(implicit_rewards, rewards, group_size, beta=1.0, centering="prompt", loss_type="mse", weights=None):
+    """Centered reward distillation loss, Eq. (7): `distillation_loss` of `centred_rewards`.
+
+    implicit_rewards r^: (N,), with gradient; rewards r~: (N,) normalised external rewards in [0, 1] (Eq. 6);
+    groups of `group_size` contiguous. Returns a scalar (fp32). A constant added to the rewards (or implicit
+    rewards) of one group does not change it.
+    """
+    return distillation_loss(*centred_rewards(implicit_rewards, rewards, group_size, beta, centering), beta,
+                             loss_type, weights)
 
 
 def within_group_correlation(x, y, group_size):
@@ -583,9 +598,9 @@ RANK_STRIDE = 1009       # ... and rank r's training noise from (s * SEED_STRIDE
 
 
 def iteration_generators(seed, iteration, rank):
-    """The two generators of one iteration: (draws: prompts and sampling seeds, the same on every rank; noise: the
-    training timesteps and eps of this rank). Seeded by (seed, iteration, rank) only, so a resumed run repeats
-    exactly the draws of a straight one without storing RNG states (Deviation 7)."""
+    """The two generators of one iteration: (rollout_rng: prompts and sampling seeds, the same on every rank;
+    training_rng: the training timesteps and eps of this rank). Seeded by (seed, iteration, rank) only, so a resumed
+    run repeats exactly the draws of a straight one without storing RNG states."""
     base = seed * SEED_STRIDE + iteration
     return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base * RANK_STRIDE + rank)
 
@@ -664,73 +679,85 @@ def draw_noise(x0, repeat, generator):
     return eps.repeat_interleave(repeat, dim=0).to(x0.device)
 
 
-def crd_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
+class Pass(typing.NamedTuple):
+    """What one pass returns: its two loss terms (scalars), the per-sample KL (B,), r^ (B,) and Eq. (7)'s beta R^ and
+    R (B,), computed once for the loss and reused by the diagnostics."""
+    loss_reward: torch.Tensor
+    loss_kl: torch.Tensor
+    kl: torch.Tensor
+    r_hat: torch.Tensor
+    predicted: torch.Tensor
+    target: torch.Tensor
+
+
+def crd_pass(transformer, micro, x_sigma, sigma, u, cfg, autocast):
     """Alg. 1, line 6: CRD's loss on one micro-batch at one noise level.
 
-    x_sigma (B, C, H, W), sigma (B,) and u = eps - x0 (B, C, H, W) from Eqs. (1)-(2); mb: the micro-batch's slice of
-    `batch` (see `update`). Returns (L_CRD, L_KL, the per-sample KL (B,), r^ (B,)), all fp32.
+    micro: the micro-batch's part of `update`'s batch (prompt_embeds (B, L, D), pooled (B, D'), rewards_normalized and
+    rewards_kl (B,); the empty prompt's negative_embeds (1, L, D) and negative_pooled (1, D') whole); x_sigma
+    (B, C, H, W), sigma (B,) and u = eps - x0 (B, C, H, W) from Eqs. (1)-(2). Returns a Pass (fp32).
     """
-    embeds, pooled, size = batch["prompt_embeds"][mb], batch["pooled"][mb], len(x_sigma)
+    embeds, pooled, size = micro["prompt_embeds"], micro["pooled"], len(x_sigma)
     with autocast, torch.no_grad():
         v_old = velocity(transformer, "old", x_sigma, sigma, embeds, pooled)
         v_pre = velocity(transformer, None, torch.cat([x_sigma, x_sigma]), torch.cat([sigma, sigma]),
-                         torch.cat([embeds, batch["negative_embeds"].expand(size, -1, -1)]),
-                         torch.cat([pooled, batch["negative_pooled"].expand(size, -1)]))
+                         torch.cat([embeds, micro["negative_embeds"].expand(size, -1, -1)]),
+                         torch.cat([pooled, micro["negative_pooled"].expand(size, -1)]))
     with autocast:  # theta last: peft trains the adapter selected last (see use_adapter)
         v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
     r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
-    loss_crd = crd_loss(r_hat, batch["rewards_normalized"][mb], cfg.group_size, cfg.beta, cfg.centering,
-                        cfg.loss_type, sigma if cfg.time_weighting == "sigma" else None)  # Eq. (7)
+    predicted, target = centred_rewards(r_hat, micro["rewards_normalized"], cfg.group_size, cfg.beta, cfg.centering)
+    loss_crd = distillation_loss(predicted, target, cfg.beta, cfg.loss_type,
+                                 sigma if cfg.time_weighting == "sigma" else None)  # Eq. (7)
     kl = cfg_anchor_kl(v_theta, *v_pre.chunk(2), cfg.kl_cfg)  # Eq. (9)
-    loss_kl = (kl_weights(batch["rewards_kl"][mb], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
-    return loss_crd, loss_kl, kl, r_hat
+    loss_kl = (kl_weights(micro["rewards_kl"], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
+    return Pass(loss_crd, loss_kl, kl, r_hat, predicted, target)
 
 
-def anchor_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
+def anchor_pass(transformer, micro, x_sigma, sigma, u, cfg, autocast):
     """The reward-free control (--objective anchor): CRD's pass with the reward term dropped, the KL anchor kept."""
-    _, loss_kl, kl, r_hat = crd_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast)
-    return torch.zeros((), device=x_sigma.device), loss_kl, kl, r_hat
+    result = crd_pass(transformer, micro, x_sigma, sigma, u, cfg, autocast)
+    return result._replace(loss_reward=torch.zeros((), device=x_sigma.device))
 
 
-def nft_pass(transformer, x_sigma, sigma, u, mb, batch, cfg, autocast):
+def nft_pass(transformer, micro, x_sigma, sigma, u, cfg, autocast):
     """The DiffusionNFT baseline (--objective nft): its loss, Eqs. (A1)-(A2), with its sampler snapshot as the
-    reference and a KL of weight NFT_KL_WEIGHT to the pretrained model without CFG. Returns what crd_pass returns
-    (r^ only for the diagnostics)."""
-    embeds, pooled = batch["prompt_embeds"][mb], batch["pooled"][mb]
+    reference and a KL of weight NFT_KL_WEIGHT to the pretrained model without CFG. Returns a Pass (r^ and the
+    centred sides of Eq. 7 only for the diagnostics)."""
+    embeds, pooled = micro["prompt_embeds"], micro["pooled"]
     with autocast, torch.no_grad():
         v_old = velocity(transformer, "sampler", x_sigma, sigma, embeds, pooled)
         v_pre = velocity(transformer, None, x_sigma, sigma, embeds, pooled)
     with autocast:
         v_theta = velocity(transformer, "theta", x_sigma, sigma, embeds, pooled)
     r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)
-    loss_nft = nft_loss(v_theta, v_old, x_sigma, batch["x0"][mb], sigma, batch["rewards_normalized"][mb],
-                        cfg.nft_beta)
+    loss_nft = nft_loss(v_theta, v_old, x_sigma, micro["x0"], sigma, micro["rewards_normalized"], cfg.nft_beta)
     kl = cfg_anchor_kl(v_theta, v_pre, v_pre, 1.0)
-    return loss_nft, NFT_KL_WEIGHT * kl.mean(), kl, r_hat
+    return Pass(loss_nft, NFT_KL_WEIGHT * kl.mean(), kl, r_hat,
+                *centred_rewards(r_hat, micro["rewards_normalized"], cfg.group_size, cfg.beta, cfg.centering))
 
 
 OBJECTIVES = {"crd": crd_pass, "anchor": anchor_pass, "nft": nft_pass}  # --objective -> the loss of one pass
 
 
-def finite(value, what, cfg, iteration, step):
+def finite(value, what, cfg, state):
     """True if the scalar tensor `value` is finite. If not: False with --skip-nonfinite (the caller skips the pass or
-    step and counts it), else FloatingPointError naming `what`, the iteration and the optimizer step."""
-    if torch.isfinite(value):
-        return True
-    if cfg.skip_nonfinite:
-        return False
-    raise FloatingPointError(f"non-finite {what} {value.item()} at iteration {iteration}, optimizer step {step}")
+    step and counts it), else FloatingPointError naming `what` and state's iteration and optimizer step."""
+    if torch.isfinite(value) or cfg.skip_nonfinite:
+        return bool(torch.isfinite(value))
+    raise FloatingPointError(f"non-finite {what} {value.item()} at iteration {state['iteration']}, optimizer step "
+                             f"{state['step']}")
 
 
-def pass_diagnostics(loss_reward, loss_kl, kl, r_hat, rewards, cfg):
-    """Is the regression of Eq. (7) learning? The log entries of one pass, with the within-group correlation of r^
-    and r~ and the spreads of beta R^ and R, and (squared fit error, squared target) summed over the pass, from
+def pass_diagnostics(result, rewards, cfg):
+    """Is the regression of Eq. (7) learning? The log entries of one pass (a Pass), with the within-group correlation
+    of r^ and r~ and the spreads of beta R^ and R, and (squared fit error, squared target) summed over the pass, from
     which `summarize` gives the explained fraction. rewards: r~ of the pass (B,)."""
-    target = group_center(rewards.float(), cfg.group_size, cfg.centering)
-    predicted = cfg.beta * group_center(r_hat.detach(), cfg.group_size, cfg.centering)
-    log = {f"loss/{cfg.objective}": loss_reward.item(), "loss/kl": loss_kl.item(), "kl/anchor": kl.mean().item(),
-           "implicit_reward/mean": r_hat.mean().item(), "implicit_reward/std": r_hat.std().item(),
-           "crd/corr": within_group_correlation(r_hat, rewards, cfg.group_size),
+    predicted, target = result.predicted.detach(), result.target
+    log = {f"loss/{cfg.objective}": result.loss_reward.item(), "loss/kl": result.loss_kl.item(),
+           "kl/anchor": result.kl.mean().item(), "implicit_reward/mean": result.r_hat.mean().item(),
+           "implicit_reward/std": result.r_hat.std().item(),
+           "crd/corr": within_group_correlation(result.r_hat, rewards, cfg.group_size),
            "crd/R_hat_std": predicted.std().item(), "crd/R_std": target.std().item()}
     return log, (float(((predicted - target) ** 2).sum()), float((target ** 2).sum()))
 
@@ -765,51 +792,53 @@ def summarize(logs, fits, grad_norms, skipped):
                     "crd/explained": 1 - fit_error / target_power if target_power > 0 else math.nan}
 
 
-def update(transformer, params, optimizer, batch, cfg, generator, autocast, where, passes_per_step, world_size=1):
+SHARED_KEYS = ("sigmas", "negative_embeds", "negative_pooled")  # the same for every micro-batch of `update`
+
+
+def update(transformer, params, optimizer, batch, cfg, training_rng, autocast, state, n_accum, world_size=1):
     """Alg. 1, lines 4-7: the loss of every micro-batch x training timestep of one iteration, accumulated into
-    AdamW steps of theta. Returns (the per-iteration means of the logged quantities, optimizer steps taken).
+    AdamW steps of theta; advances state["step"] (s) by the steps taken. Returns the per-iteration means of the
+    logged quantities.
 
     batch: x0 (N, C, H, W) latents; prompt_embeds (N, L, D), pooled (N, D'); negative_embeds (1, L, D),
     negative_pooled (1, D') for the empty prompt; rewards_normalized r~ (N,) and rewards_kl (N,) in [0, 1];
-    sigmas (S,). Groups of K are contiguous. Every `passes_per_step` passes: gradients averaged over the
-    `world_size` ranks, clipped, one AdamW step. where: (iteration, optimizer steps so far), for error messages.
-    Raises FloatingPointError on a non-finite loss or gradient norm, naming the iteration and step.
+    sigmas (S,). Groups of K are contiguous. training_rng draws the timesteps and eps. Every n_accum passes:
+    gradients averaged over the `world_size` ranks, clipped, one AdamW step. Raises FloatingPointError on a
+    non-finite loss or gradient norm, naming the iteration and step (--skip-nonfinite skips and counts them).
     """
     x0, one_pass = batch["x0"], OBJECTIVES[cfg.objective]
-    timestep_index = draw_timesteps(len(x0), len(batch["sigmas"]), cfg, generator)  # (N, T)
-    logs, fits, grad_norms, passes, steps, skipped = [], [], [], 0, 0, 0
+    timestep_index = draw_timesteps(len(x0), len(batch["sigmas"]), cfg, training_rng)  # (N, T)
+    logs, fits, grad_norms, passes, skipped, first_step = [], [], [], 0, 0, state["step"]
     for start in range(0, len(x0), cfg.micro_batch_size):  # Alg. 1, line 4: whole prompt groups
-        mb = slice(start, start + cfg.micro_batch_size)
+        part = slice(start, start + cfg.micro_batch_size)
+        micro = {key: value if key in SHARED_KEYS else value[part] for key, value in batch.items()}
         for j in range(cfg.train_timesteps):  # Alg. 1, line 5
-            sigma = batch["sigmas"][timestep_index[mb, j]].to(x0.device)  # (B,)
-            eps = draw_noise(x0[mb], cfg.group_size if cfg.group_noise else 1, generator)
-            x_sigma = interpolate(x0[mb], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
-            loss_reward, loss_kl, kl, r_hat = one_pass(transformer, x_sigma, sigma, eps - x0[mb], mb, batch, cfg,
-                                                       autocast)  # u = eps - x0, Eq. (2)
-            loss = loss_reward + loss_kl
-            passes += 1
-            if finite(loss, "loss", cfg, where[0], where[1] + steps):
-                share = (reward_term_share(loss_reward, params["theta"], passes_per_step, sigma)
-                         if passes == 1 and loss_reward.requires_grad else None)  # diagnostics, first pass only
-                (loss / passes_per_step).backward()  # Alg. 1, line 6: backward / n_accum
-                log, fit = pass_diagnostics(loss_reward, loss_kl, kl, r_hat, batch["rewards_normalized"][mb], cfg)
-                log["crd/corr_fresh"] = log["crd/corr"] if steps == 0 else math.nan  # before this iteration's 1st step
-                log |= share() if share else {}
-                logs.append(log)
+            sigma = batch["sigmas"][timestep_index[part, j]].to(x0.device)  # (B,)
+            eps = draw_noise(micro["x0"], cfg.group_size if cfg.group_noise else 1, training_rng)
+            x_sigma = interpolate(micro["x0"], eps, sigma)  # Eq. (1), the same x_sigma for theta, old and pre
+            result = one_pass(transformer, micro, x_sigma, sigma, eps - micro["x0"], cfg, autocast)  # u, Eq. (2)
+            loss, passes = result.loss_reward + result.loss_kl, passes + 1
+            if finite(loss, "loss", cfg, state):
+                share = (reward_term_share(result.loss_reward, params["theta"], n_accum, sigma)
+                         if passes == 1 and result.loss_reward.requires_grad else None)  # diagnostics, first pass
+                (loss / n_accum).backward()  # Alg. 1, line 6: backward / n_accum
+                log, fit = pass_diagnostics(result, micro["rewards_normalized"], cfg)
+                log["crd/corr_fresh"] = log["crd/corr"] if state["step"] == first_step else math.nan  # before a step
+                logs.append(log | (share() if share else {}))
                 fits.append(fit)
             else:
                 skipped += 1
-            if passes % passes_per_step == 0:  # Alg. 1, line 7
+            if passes % n_accum == 0:  # Alg. 1, line 7
                 average_gradients(params["theta"], world_size)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params["theta"], cfg.max_grad_norm)
-                if finite(grad_norm, "gradient norm", cfg, where[0], where[1] + steps):
+                if finite(grad_norm, "gradient norm", cfg, state):
                     optimizer.step()
                     grad_norms.append(grad_norm.item())
                 else:
                     skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                steps += 1
-    return summarize(logs, fits, grad_norms, skipped), steps
+                state["step"] += 1
+    return summarize(logs, fits, grad_norms, skipped)
 
 
 def move_snapshots(params, step, cfg):
@@ -829,65 +858,79 @@ def move_snapshots(params, step, cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # main: Algorithm 1
 # ----------------------------------------------------------------------------------------------------------------
-def main(cfg, eval_only=False, lora=""):
-    """Run CRD and return the per-iteration metrics; with eval_only, score --model [+ lora] on the held-out
-    prompts and return `evaluate`'s dict. Raises InputError before any expensive work for a mistake in cfg."""
+def start_job(cfg, training=True, lora=""):
+    """Everything before Algorithm 1, for a run (training) or an evaluation of --model [+ lora]: torchrun, the input
+    checks (InputError before anything loads), the device and bf16 autocast, the run directory, the rewards, the
+    frozen pipeline, the prompt cache, and held_out() = the held-out evaluation (`evaluate`, the same noise every
+    time). Returns them as one namespace."""
     rank, world_size, local_rank = setup_distributed()
-    prompts, eval_prompts = check_inputs(cfg, world_size, training=not eval_only, lora=lora)
+    prompts, eval_prompts = check_inputs(cfg, world_size, training, lora, MODEL_HINTS.get(cfg.model, ""))
     device = pick_device(cfg.device, local_rank, world_size)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     run = RunDirectory(cfg, rank, world_size, device)
     reward_fn, unseen = make_rewards(cfg, device, rank)
     pipe = load_frozen_pipeline(cfg, device)
     prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
     images_for = functools.partial(generate, pipe, height=cfg.height, width=cfg.width, num_steps=cfg.eval_num_steps,
                                    guidance_scale=cfg.eval_guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                                   prompt_cache=prompt_cache, adapter=None if eval_only else "theta",
+                                   prompt_cache=prompt_cache, adapter="theta" if training else None,
                                    schedule=cfg.sigma_schedule)
-    held_out = functools.partial(evaluate, images_for, reward_fn, eval_prompts, unseen=unseen)  # same noise each time
-    if eval_only:
-        return run.evaluate_only(pipe, held_out, lora)
+    return types.SimpleNamespace(
+        rank=rank, world_size=world_size, device=device, run=run, reward_fn=reward_fn, pipe=pipe, prompts=prompts,
+        prompt_cache=prompt_cache, held_out=functools.partial(evaluate, images_for, reward_fn, eval_prompts,
+                                                              unseen=unseen),
+        autocast=torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"))
 
+
+def main(cfg):
+    """Train with CRD (Algorithm 1) and return the per-iteration metrics. Raises InputError before any expensive
+    work for a mistake in cfg."""
+    job = start_job(cfg)
+    pipe, run = job.pipe, job.run
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
     params = add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # Alg. 1, line 0
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params["theta"], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    state = run.start(params, optimizer)  # {"iteration", "step"}: 0, or where --resume's checkpoint stopped
+    state = run.start(params, optimizer)  # {"iteration", "step" (s)}: 0, or where --resume's checkpoint stopped
     sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range, cfg.sigma_schedule)
     with torch.no_grad():
         negative_embeds, negative_pooled = encode_prompts(pipe, [""], cfg.max_sequence_length)  # CFG of Eq. (9)
-    first, passes_per_step = state["iteration"], cfg.sizes(world_size)[2]
+    first, n_accum = state["iteration"], cfg.sizes(job.world_size).n_accum
     for iteration in run.progress(first):  # Alg. 1, line 1
-        log, state["iteration"] = {"iteration": iteration}, iteration
+        log = {"iteration": iteration}
         if evaluation_due(iteration, first, cfg.eval_every):
-            run.evaluate(held_out, iteration, log)
-        draws, noise = iteration_generators(cfg.seed, iteration, rank)
+            run.evaluate(job.held_out, iteration, log)
+        rollout_rng, training_rng = iteration_generators(cfg.seed, iteration, job.rank)
         with run.timed(log, "sample"):  # Alg. 1, line 2
-            chosen, seeds = draw_prompts(prompts, cfg, draws, rank, world_size)
-            x0, prompt_embeds, pooled, images = rollout(pipe, chosen, seeds, cfg, autocast, prompt_cache)
+            chosen, seeds = draw_prompts(job.prompts, cfg, rollout_rng, job.rank, job.world_size)
+            x0, prompt_embeds, pooled, images = rollout(pipe, chosen, seeds, cfg, job.autocast, job.prompt_cache)
         batch_prompts = [p for p in chosen for _ in range(cfg.group_size)]
         with run.timed(log, "reward"):  # Alg. 1, line 3
-            targets, rewards, reward_log = score(reward_fn, images, batch_prompts, cfg, iteration, device, rank,
-                                                 world_size)
+            targets, rewards, reward_log = score(job.reward_fn, images, batch_prompts, cfg, iteration, job.device,
+                                                 job.rank, job.world_size)
             log.update(reward_log)
         with run.timed(log, "train"):  # Alg. 1, lines 4-7
             batch = {"x0": x0, "prompt_embeds": prompt_embeds, "pooled": pooled, "sigmas": sigmas,
                      "negative_embeds": negative_embeds, "negative_pooled": negative_pooled, **targets}
-            update_log, steps = update(pipe.transformer, params, optimizer, batch, cfg, noise, autocast,
-                                       (iteration, state["step"]), passes_per_step, world_size)
-            log.update(update_log)
-            state["step"] += steps
+            log.update(update(pipe.transformer, params, optimizer, batch, cfg, training_rng, job.autocast, state,
+                              n_accum, job.world_size))
         log.update(move_snapshots(params, state["step"], cfg))  # Alg. 1, line 8
         state["iteration"] = iteration + 1
-        if iteration + 1 == cfg.iterations:
-            run.evaluate(held_out, iteration + 1, log)
+        if state["iteration"] == cfg.iterations:
+            run.evaluate(job.held_out, cfg.iterations, log)
         if run.end_iteration(log, state, params, optimizer, images, batch_prompts, rewards):
             return run.metrics  # stopped by a signal, after writing a checkpoint
     run.finish(pipe.transformer)
     return run.metrics
 
 
+def evaluate_model(cfg, lora=""):
+    """--eval: score --model, with the LoRA folder `lora` if given, on the held-out prompts (no training); returns
+    `evaluate`'s dict and writes eval.json and eval_grid.png to the run directory."""
+    job = start_job(cfg, training=False, lora=lora)
+    return job.run.evaluate_only(job.pipe, job.held_out, lora)
+
+
 if __name__ == "__main__":
-    sys.exit(cli(main, Config, PRESETS, description=__doc__.split("\n")[0]))
+    sys.exit(cli(main, evaluate_model, Config, PRESETS, description=__doc__.split("\n")[0]))

@@ -17,9 +17,17 @@ import os
 import signal
 import sys
 import time
+import typing
+import warnings
 
 import numpy as np
+import safetensors.torch
 import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import reward
 
 
 class InputError(ValueError):
@@ -39,10 +47,6 @@ class RunDirectory:
     optional live tracker (--log-to). Only rank 0 writes and prints."""
 
     def __init__(self, cfg, rank, world_size, device):
-        from tqdm import tqdm
-
-        from reward import parse_reward_spec
-
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.dir = os.path.join(cfg.output_dir, cfg.run_name)
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
@@ -50,22 +54,18 @@ class RunDirectory:
         self.metrics, self.tracker, self.started = [], Tracker("", self.dir, cfg), 0.0
         self.say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
         os.makedirs(self.dir, exist_ok=True)
-        unseen = [name for name in cfg.eval_rewards.split(",") if name]
-        reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
-        uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in parse_reward_spec(cfg.reward)] + unseen)
-        self.say(f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
-                 f"evaluation: {', '.join(unseen) or 'none'}")
+        self.say(reward_line(cfg))
 
     def start(self, params, optimizer):
         """The counters {"iteration", "step"}: zeros, or those of --resume's checkpoint, whose LoRA weights and
         optimizer state are loaded; metrics.jsonl keeps its lines before the checkpoint's iteration."""
         cfg, state = self.cfg, {"iteration": 0, "step": 0}
-        n_local, passes, passes_per_step = cfg.sizes(self.world_size)
+        n_local, passes, n_accum = cfg.sizes(self.world_size)
         what = {"crd": "CRD", "nft": "DiffusionNFT baseline", "anchor": "reward-free control"}[cfg.objective]
         self.say(f"{what} on {self.world_size} x {self.device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} "
                  f"samples = {cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per "
                  f"process; {passes} passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per "
-                 f"process -> {cfg.optimizer_steps_per_iteration} optimizer steps of {passes_per_step} accumulated "
+                 f"process -> {cfg.optimizer_steps_per_iteration} optimizer steps of {n_accum} accumulated "
                  f"passes")
         resume = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
         if resume:
@@ -82,8 +82,6 @@ class RunDirectory:
 
     def progress(self, first):
         """Iterations first .. cfg.iterations - 1 under a tqdm bar (rank 0), each one's start time noted."""
-        from tqdm import tqdm
-
         for iteration in tqdm(range(first, self.cfg.iterations), desc="CRD", initial=first,
                               total=self.cfg.iterations, disable=self.rank != 0):
             self.started = time.time()
@@ -109,9 +107,7 @@ class RunDirectory:
                         **{f"eval/{k}": v for k, v in {**result["unseen"], **result["per_image"]}.items()},
                         **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
                            for k, v in values.items()}, "time/eval": time.time() - t0})
-            self.say(f"iteration {iteration}: held-out {self.cfg.reward} reward {result['reward']:.4f} "
-                     f"(exact {result['exact']:.3f}, {result['n']} prompts)"
-                     + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
+            self.say(f"iteration {iteration}: " + evaluation_line(result, self.cfg))
         barrier(self.world_size)
 
     def evaluate_only(self, pipe, held_out, lora=""):
@@ -125,15 +121,8 @@ class RunDirectory:
         with open(os.path.join(self.dir, "eval.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
                 "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
-        self.say(f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
-                 f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
-                 + "".join(f", {k} {v:.4f}" for k, v in result["per_image"].items())
-                 + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
-                 + f"; grid in {self.dir}/eval_grid.png")
-        for tag, values in result["per_tag"].items():  # GenEval: one line per tag, then the mean over tags
-            self.say(f"  {tag:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        if result["tag_mean"]:
-            self.say(f"  {'mean of tags':14s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["tag_mean"].items()))
+        for line in evaluation_only_lines(result, cfg, os.path.join(self.dir, "eval_grid.png")):
+            self.say(line)
         return result
 
     def end_iteration(self, log, state, params, optimizer, images, prompts, rewards):
@@ -154,13 +143,7 @@ class RunDirectory:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
             self.tracker.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, iteration)
-            self.say(f"it {iteration:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
-                     f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
-                     f"r^ std {log.get('implicit_reward/std', math.nan):.4f} "
-                     f"corr {log.get('crd/corr', math.nan):+.3f} fresh {log.get('crd/corr_fresh', math.nan):+.3f} "
-                     f"expl {log.get('crd/explained', math.nan):+.3f} | "
-                     f"eta old {log['ema/eta_old']:.3f} samp {log['ema/eta_sampler']:.3f} | "
-                     f"{log['time/iteration']:.1f}s")
+            self.say(iteration_line(log, cfg))
         if stopping:
             self.say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
                      f"plus --resume auto")
@@ -174,14 +157,56 @@ class RunDirectory:
             save_lora(transformer, os.path.join(self.dir, "lora"))
             plot_rewards(self.metrics, os.path.join(self.dir, "reward_curve.png"))
             plot_diagnostics(self.metrics, os.path.join(self.dir, "diagnostics.png"))
-            totals = {k: sum(m.get(f"time/{k}", 0.0) for m in self.metrics) for k in TIME_PARTS}
-            self.say("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}"
-                                                for k, v in totals.items())
-                     + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {self.cfg.reward}, "
-                     "train = forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
+            self.say(time_split_line(self.metrics, self.cfg))
             self.say(f"done: LoRA in {self.dir}/lora, curve in {self.dir}/reward_curve.png, metrics in "
                      f"{self.metrics_path}")
         self.tracker.close()
+
+
+# -- console lines ------------------------------------------------------------------------------------------------
+def reward_line(cfg):
+    """The run's first line: the reward, how the OCR rewards read, the unseen metrics."""
+    unseen = [name for name in cfg.eval_rewards.split(",") if name]
+    reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
+    uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in reward.parse_reward_spec(cfg.reward)] + unseen)
+    return (f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
+            f"evaluation: {', '.join(unseen) or 'none'}")
+
+
+def iteration_line(log, cfg):
+    """One iteration's console line from its log: reward, losses, the diagnostics of Eq. (7), the EMA decays, time."""
+    return (f"it {log['iteration']:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
+            f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
+            f"r^ std {log.get('implicit_reward/std', math.nan):.4f} "
+            f"corr {log.get('crd/corr', math.nan):+.3f} fresh {log.get('crd/corr_fresh', math.nan):+.3f} "
+            f"expl {log.get('crd/explained', math.nan):+.3f} | "
+            f"eta old {log['ema/eta_old']:.3f} samp {log['ema/eta_sampler']:.3f} | {log['time/iteration']:.1f}s")
+
+
+def evaluation_line(result, cfg):
+    """A held-out evaluation's scores (`evaluate`'s dict) in one line."""
+    return (f"held-out {cfg.reward} reward {result['reward']:.4f} (exact {result['exact']:.3f}, {result['n']} "
+            f"prompts)" + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
+
+
+def evaluation_only_lines(result, cfg, grid_path):
+    """--eval's lines: the scores with the sampling settings, then one line per GenEval tag and their mean."""
+    yield (f"held-out {cfg.reward} reward {result['reward']:.4f}, exact {result['exact']:.4f} on {result['n']} "
+           f"prompts (CFG {cfg.eval_guidance_scale}, {cfg.eval_num_steps} steps)"
+           + "".join(f", {k} {v:.4f}" for k, v in result["per_image"].items())
+           + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()) + f"; grid in {grid_path}")
+    for tag, values in result["per_tag"].items():
+        yield f"  {tag:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+    if result["tag_mean"]:
+        yield f"  {'mean of tags':14s} " + "  ".join(f"{k} {v:.4f}" for k, v in result["tag_mean"].items())
+
+
+def time_split_line(metrics, cfg):
+    """Where the run's time went, from the time/* entries of its metrics."""
+    totals = {k: sum(m.get(f"time/{k}", 0.0) for m in metrics) for k in TIME_PARTS}
+    return ("time split: " + ", ".join(f"{k} {v / max(sum(totals.values()), 1e-9):.1%}" for k, v in totals.items())
+            + f" of {sum(totals.values()):.0f}s (sample = rollouts + VAE decode, reward = {cfg.reward}, "
+            "train = forward/backward/optimizer, other = EMA, grids, checkpoints, logging)")
 
 
 def evaluation_due(iteration, first, eval_every):
@@ -194,26 +219,20 @@ def evaluation_due(iteration, first, eval_every):
 def make_rewards(cfg, device, rank=0):
     """(the trained reward's function, {name: function} of the unseen metrics, built on rank 0 only), from
     reward.make_reward with --reward-options."""
-    from reward import make_reward, parse_reward_options
-
-    options = parse_reward_options(cfg.reward_options)
-    reward_fn = make_reward(cfg.reward, device, cfg.ocr_detection, options)
-    return reward_fn, {name: make_reward(name, device, cfg.ocr_detection, options)
+    options = reward.parse_reward_options(cfg.reward_options)
+    reward_fn = reward.make_reward(cfg.reward, device, cfg.ocr_detection, options)
+    return reward_fn, {name: reward.make_reward(name, device, cfg.ocr_detection, options)
                        for name in cfg.eval_rewards.split(",") if name and rank == 0}
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
 def caption(prompt, length=12):
     """The first `length` characters of a prompt's text (a JSON metadata line gives its "prompt")."""
-    from reward import prompt_text
-
-    return prompt_text(prompt).strip()[:length]
+    return reward.prompt_text(prompt).strip()[:length]
 
 
 def image_grid(images, captions, columns=8, caption_height=12):
     """Tile PIL images into one captioned grid image ("prompt | reward" under each picture)."""
-    from PIL import Image, ImageDraw
-
     width, height = images[0].size
     cell_width = max(width, 96)
     rows = math.ceil(len(images) / columns)
@@ -240,7 +259,6 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
     prompts carry a GenEval "tag", per_tag={tag: {"reward": mean, key: mean, ...}} and tag_mean={same keys: mean
     over the tags} (GenEval's overall score is the mean over its six tags of geneval/correct).
     """
-    from reward import prompt_tag
 
     rewards, images, pixel_stds, per_image = [], [], [], collections.defaultdict(list)
     unseen_rewards = {name: [] for name in (unseen or {})}
@@ -258,7 +276,7 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
         images += batch_images[: max(grid_size - len(images), 0)]
     rewards = torch.cat(rewards)
     values = {"reward": rewards} | {key: torch.cat(parts) for key, parts in per_image.items()}
-    tags = [prompt_tag(p) for p in prompts]
+    tags = [reward.prompt_tag(p) for p in prompts]
     per_tag = {tag: {key: float(v[[t == tag for t in tags]].mean()) for key, v in values.items()}
                for tag in sorted({t for t in tags if t is not None})}
     captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
@@ -385,38 +403,41 @@ def plot_diagnostics(metrics, path, window=10):
 
 
 class Tracker:
-    """Live curves for --log-to tensorboard|wandb: the keys of metrics.jsonl and the held-out grids, per iteration.
-
-    kind '' (or a rank other than 0) makes every call a no-op; metrics.jsonl stays the record either way.
+    """Live curves for --log-to tensorboard|wandb: one TensorBoard writer (runs/<run_name>/tensorboard) with the keys
+    of metrics.jsonl and the held-out grids, per iteration; with wandb, wandb.init(sync_tensorboard=True) mirrors it
+    to a wandb run (WANDB_MODE=offline works offline), as CleanRL does. kind '' (or a rank other than 0) makes every
+    call a no-op; metrics.jsonl stays the record either way.
     """
 
     def __init__(self, kind, run_dir, cfg):
         self.kind, self.writer = kind, None
-        if kind == "tensorboard":
+        if kind == "wandb":  # before the writer, so that wandb patches it
+            import wandb
+
+            wandb.init(project="crd", name=cfg.run_name, dir=run_dir, config=dataclasses.asdict(cfg),
+                       sync_tensorboard=True)
+        if kind:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        elif kind == "wandb":
-            import wandb
-
-            self.writer = wandb.init(project="crd", name=cfg.run_name, dir=run_dir, config=dataclasses.asdict(cfg))
 
     def log(self, values, step, images=None):
         """values: {key: number}; images: {key: PIL image}."""
-        if self.kind == "tensorboard":
+        if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
             for key, image in (images or {}).items():
                 self.writer.add_image(key, np.asarray(image.convert("RGB")), step, dataformats="HWC")
             self.writer.flush()
-        elif self.kind == "wandb":
-            import wandb
-
-            self.writer.log(values | {k: wandb.Image(v) for k, v in (images or {}).items()}, step=step)
 
     def close(self):
         if self.writer is not None:
-            self.writer.finish() if self.kind == "wandb" else self.writer.close()
+            self.writer.close()
+            if self.kind == "wandb":
+                import wandb
+
+                wandb.finish()
+            self.writer = None
 
 
 # -- distributed (torchrun): whole prompt groups per rank, rewards gathered before Eq. (6), gradients averaged ---
@@ -425,8 +446,6 @@ def setup_distributed():
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, 0
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -439,8 +458,6 @@ def all_gather(x, world_size):
     """Concatenate a (n,) tensor from every rank, in rank order -> (world_size * n,)."""
     if world_size == 1:
         return x
-    import torch.distributed as dist
-
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
@@ -451,8 +468,6 @@ def average_gradients(parameters, world_size):
     switch requires_grad on and off, which DDP's reducer does not allow)."""
     if world_size == 1:
         return
-    import torch.distributed as dist
-
     for p in parameters:
         if p.grad is None:  # every pass of this rank was skipped (--skip-nonfinite)
             p.grad = torch.zeros_like(p)
@@ -463,8 +478,6 @@ def average_gradients(parameters, world_size):
 def barrier(world_size):
     """Wait for every rank (no-op in a single process)."""
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -485,66 +498,25 @@ def install_stop_handlers():
 
 
 # -- input checks: everything checked before loading a model -----------------------------------------------------
-POSITIVE_FIELDS = {"iterations", "height", "width", "lora_rank", "lora_alpha", "prompts_per_iteration", "group_size",
-                   "num_steps", "eval_count", "eval_num_steps", "guidance_scale", "eval_guidance_scale", "beta",
-                   "nft_beta", "train_timesteps", "timestep_range", "learning_rate", "adam_eps", "max_grad_norm",
-                   "optimizer_steps_per_iteration", "micro_batch_size", "sample_batch_size", "sample_every",
-                   "checkpoint_every", "max_sequence_length"}
-
-
-NON_NEGATIVE_FIELDS = {"eval_every", "eval_start", "prompt_cache", "max_prompts", "kl_beta", "kl_cfg", "weight_decay",
-                       "old_decay_rate", "sampler_decay_delay", "sampler_decay_rate", "old_decay_start", "seed"}
-
-
-FRACTION_FIELDS = {"adam_beta1", "adam_beta2", "old_decay_start", "old_decay_max", "sampler_decay_max"}
+RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 1)": lambda v: 0 <= v < 1,
+          "(0, 1]": lambda v: 0 < v <= 1}  # the range annotations of crd.Config's fields
 
 
 def check_config(cfg, world_size=1):
     """Raise InputError naming the field and the fix for impossible settings of `cfg` (a crd.Config), before any
-    expensive work."""
-    for f in dataclasses.fields(cfg):  # ranges first: every later check may divide by these
+    expensive work: each field's range or choices from its type annotation (Annotated, Literal), then the sizes
+    Algorithm 1 needs (`cfg.check`)."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if f.name in POSITIVE_FIELDS and not value > 0:
-            raise InputError(f"{flag} {value} must be > 0")
-        if f.name in NON_NEGATIVE_FIELDS and not value >= 0:
-            raise InputError(f"{flag} {value} must be >= 0")
-        if f.name in FRACTION_FIELDS and not 0 <= value < 1:
-            raise InputError(f"{flag} {value} must be in [0, 1)")
-    if cfg.timestep_range > 1:
-        raise InputError(f"--timestep-range {cfg.timestep_range} must be in (0, 1]")
-    if cfg.group_size < 2:
-        raise InputError(f"--group-size {cfg.group_size}: centring within a prompt needs K >= 2 samples")
-    if cfg.micro_batch_size % cfg.group_size:
-        raise InputError(f"--micro-batch-size {cfg.micro_batch_size} is not a multiple of --group-size "
-                         f"{cfg.group_size}: micro-batches must hold whole prompt groups")
-    if cfg.prompts_per_iteration % world_size:
-        raise InputError(f"--prompts-per-iteration {cfg.prompts_per_iteration} is not divisible by the "
-                         f"{world_size} processes")
-    samples, passes, _ = cfg.sizes(world_size)
-    if samples % cfg.micro_batch_size:
-        raise InputError(f"{samples} samples per process are not a whole number of micro-batches of "
-                         f"{cfg.micro_batch_size}; change --micro-batch-size or --prompts-per-iteration")
-    if passes % cfg.optimizer_steps_per_iteration:
-        raise InputError(f"{passes} forward/backward passes per iteration cannot be split into "
-                         f"{cfg.optimizer_steps_per_iteration} optimizer steps; change "
-                         f"--optimizer-steps-per-iteration or --train-timesteps")
-    kept = int(cfg.timestep_range * cfg.num_steps)
-    if kept < 1:
-        raise InputError(f"--timestep-range {cfg.timestep_range} keeps no step of the {cfg.num_steps}-step schedule")
-    if cfg.timestep_draw == "random" and not cfg.train_timesteps <= kept:
-        raise InputError(f"--train-timesteps {cfg.train_timesteps} must be in [1, {kept}] (the kept schedule steps, "
-                         f"drawn without replacement; --timestep-draw stratified repeats them)")
-    for name, value, allowed in (("centering", cfg.centering, ("prompt", "batch")),
-                                 ("objective", cfg.objective, ("crd", "nft", "anchor")),
-                                 ("loss-type", cfg.loss_type, ("mse", "bce")),
-                                 ("time-weighting", cfg.time_weighting, ("uniform", "sigma")),
-                                 ("timestep-draw", cfg.timestep_draw, ("random", "stratified")),
-                                 ("sigma-schedule", cfg.sigma_schedule, ("diffusers", "port")),
-                                 ("kl-reward", cfg.kl_reward, ("normalized", "raw")),
-                                 ("mixed-precision", cfg.mixed_precision, ("no", "bf16")),
-                                 ("log-to", cfg.log_to, ("", "tensorboard", "wandb"))):
-        if value not in allowed:
-            raise InputError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+        hint = hints[f.name]
+        if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+            choices = ", ".join(choice or repr(choice) for choice in typing.get_args(hint))
+            raise InputError(f"{flag} {value!r}: choose one of {choices}")
+        rule = getattr(hint, "__metadata__", (None,))[0]
+        if rule is not None and not RANGES[rule](value):
+            raise InputError(f"{flag} {value} must be {'in ' + rule if rule[0] in '[(' else rule}")
+    cfg.check(world_size)
 
 
 def pick_device(name, local_rank=0, world_size=1):
@@ -585,21 +557,19 @@ def read_prompts(path):
     return prompts
 
 
-def check_model(model):
-    """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline."""
+def check_model(model, missing_hint=""):
+    """Raise InputError if `model` looks like a local path but is not a saved diffusers pipeline; `missing_hint`, if
+    given, says how to make that model when its folder does not exist."""
     looks_local = os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") != 1  # hub: org/name
     if looks_local and not os.path.isfile(os.path.join(model, "model_index.json")):
-        if os.path.basename(os.path.normpath(model)) == "tiny-sd3-shapes":  # crd.SHAPES_MODEL: say how to remake it
-            raise InputError(f"the shapes model {model} is missing: make it with `python "
-                             f"tools/pretrain_tiny.py --world shapes` (~30 min on 2 cores), or pass --model")
+        if missing_hint and not os.path.exists(model):
+            raise InputError(f"the model {model} is missing: {missing_hint}, or pass --model")
         raise InputError(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json). "
                          f"Pass the folder written by save_pretrained, e.g. assets/tiny-sd3-text, or a hub id.")
 
 
 def check_lora(folder):
     """Raise InputError unless `folder` holds a readable pytorch_lora_weights.safetensors (what a run's lora/ has)."""
-    import safetensors.torch
-
     path = os.path.join(folder, "pytorch_lora_weights.safetensors")
     if not os.path.isfile(path):
         raise InputError(f"--lora {folder!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
@@ -646,15 +616,14 @@ def check_output_dir(path):
                          f"--output-dir")
 
 
-def check_inputs(cfg, world_size=1, training=True, lora=""):
+def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
 
-    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts.
+    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts. model_hint:
+    how to make --model if its folder is missing (see check_model).
     """
-    import reward
-
     check_config(cfg, world_size)
-    check_model(cfg.model)
+    check_model(cfg.model, model_hint)
     unseen = [name for name in cfg.eval_rewards.split(",") if name]
     for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
         try:
@@ -693,18 +662,14 @@ def check_inputs(cfg, world_size=1, training=True, lora=""):
 
 # -- command line ------------------------------------------------------------------------------------------------
 def field_docs(cls):
-    """The comment after each dataclass field, with the comment lines aligned under it, read from the source (used
-    as --help text): {field name: text}."""
+    """The comment after each dataclass field on its line, read from the source (used as --help text):
+    {field name: text}."""
     lines = inspect.getsource(cls).splitlines()
     docs = {}
     for node in ast.parse("\n".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign) and (column := lines[node.lineno - 1].find("#", node.end_col_offset)) > 0:
-            text = [lines[node.lineno - 1][column + 1:].strip()]
-            for line in lines[node.lineno:]:  # continuation: a comment alone on its line, in the same column
-                if line.find("#") != column or line[:column].strip():
-                    break
-                text.append(line[column + 1:].strip())
-            docs[node.target.id] = " ".join(text)
+        if isinstance(node, ast.AnnAssign):
+            line = lines[node.lineno - 1]
+            docs[node.target.id] = line[line.find("#", node.end_col_offset) + 1:].strip() if "#" in line else ""
     return docs
 
 
@@ -715,6 +680,7 @@ def parse_args(config_class, presets, argv=None, description=""):
     preset_parser.add_argument("--preset", default=next(iter(presets)), choices=sorted(presets))
     preset, _ = preset_parser.parse_known_args(argv)
     defaults, docs = presets[preset.preset](), field_docs(config_class)
+    hints = typing.get_type_hints(config_class)
     parser = argparse.ArgumentParser(description=description, parents=[preset_parser])
     parser.add_argument("--eval", action="store_true", help="only evaluate --model (+ --lora) on --eval-prompts")
     parser.add_argument("--lora", default="", help="with --eval: a LoRA folder saved by a run (runs/NAME/lora)")
@@ -723,6 +689,8 @@ def parse_args(config_class, presets, argv=None, description=""):
     for f in dataclasses.fields(config_class):
         value, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
         text = docs[f.name].replace("%", "%%")  # argparse formats help with %: a bare % would crash --help
+        if typing.get_origin(hints[f.name]) is typing.Literal:
+            text += f" (one of: {', '.join(choice or repr(choice) for choice in typing.get_args(hints[f.name]))})"
         if isinstance(value, bool):
             parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -735,8 +703,6 @@ def parse_args(config_class, presets, argv=None, description=""):
 def quiet_known_warnings():
     """Silence, at their source, the library messages a user cannot act on (a run still prints tqdm and one line per
     iteration); --verbose keeps them."""
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -747,17 +713,17 @@ def quiet_known_warnings():
     transformers_logging.disable_progress_bar()
 
 
-def cli(main, config_class, presets, argv=None, description=""):
-    """`python crd.py ...`: parse the flags (see parse_args) and run `main(config, eval_only, lora)`. Input mistakes
-    (InputError) and a diverged run (FloatingPointError) print one line and return exit status 2; --debug (or
-    CRD_DEBUG=1) shows their traceback. Bugs always keep theirs."""
+def cli(train, evaluate_model, config_class, presets, argv=None, description=""):
+    """`python crd.py ...`: parse the flags (see parse_args) and run `train(config)`, or `evaluate_model(config, lora)`
+    with --eval. Input mistakes (InputError) and a diverged run (FloatingPointError) print one line and return exit
+    status 2; --debug (or CRD_DEBUG=1) shows their traceback. Bugs always keep theirs."""
     argv = sys.argv[1:] if argv is None else argv
     config, args = parse_args(config_class, presets, argv, description)
     if not args.verbose:
         quiet_known_warnings()
     install_stop_handlers()
     try:
-        main(config, eval_only=args.eval, lora=args.lora)
+        evaluate_model(config, args.lora) if args.eval else train(config)
     except (InputError, FloatingPointError) as error:
         if args.debug or os.environ.get("CRD_DEBUG"):
             raise

@@ -251,7 +251,7 @@ def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch
              "negative_embeds": torch.zeros(1, 1, 1), "negative_pooled": torch.zeros(1, 1),
              "rewards_normalized": torch.rand(8), "rewards_kl": torch.rand(8), "sigmas": torch.linspace(1, 0.1, 9)}
     crd.update(None, {"theta": [weight]}, torch.optim.SGD([weight], lr=0.0), batch, cfg,
-               torch.Generator().manual_seed(0), contextlib.nullcontext(), (0, 0), 2)
+               torch.Generator().manual_seed(0), contextlib.nullcontext(), {"iteration": 0, "step": 0}, 2)
     assert len(seen) == 4  # 2 micro-batches x 2 timesteps
     for index, (x_sigma, sigma) in enumerate(seen):
         start = (index // 2) * 4
@@ -503,7 +503,7 @@ def test_slow_reference_and_sampler_off_copy_theta_and_log_zero_decay(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_iteration_and_step_or_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(crd, "crd_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    monkeypatch.setattr(crd, "distillation_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="non-finite loss nan at iteration 0, optimizer step 0"):
         crd.main(tiny_config(tmp_path / "stop", iterations=1))
     metrics = crd.main(tiny_config(tmp_path / "skip", iterations=1, skip_nonfinite=True))

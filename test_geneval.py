@@ -902,7 +902,7 @@ def test_sd35m_geneval_code_path_runs_one_iteration_with_json_lines_prompts(tmp_
     assert 0 <= m["reward/geneval/correct"] <= 1 and 0 <= m["eval/clipscore"] <= 1
     for tag in ("single_object", "colors"):  # per-tag evaluation, as the benchmark reports it
         assert 0 <= m[f"eval/tag/{tag}/geneval/correct"] <= 1 and f"eval/tag/{tag}/reward" in m
-    result = crd.main(dataclasses.replace(cfg, run_name="eval"), eval_only=True)
+    result = crd.evaluate_model(dataclasses.replace(cfg, run_name="eval"))
     assert set(result["per_tag"]) == {"single_object", "colors"}
     assert result["tag_mean"]["geneval/correct"] == pytest.approx(
         np.mean([t["geneval/correct"] for t in result["per_tag"].values()]))
@@ -924,7 +924,7 @@ def test_tiny_geneval_preset_runs_two_iterations_on_a_shapes_pipeline(tmp_path, 
     plumbing.check_model(crd.tiny_geneval().model)  # the shipped model is a pipeline folder
     missing = str(tmp_path / "tiny-sd3-shapes")  # without it, the preset says how to make it
     with pytest.raises(crd.InputError, match="pretrain_tiny.py --world shapes"):
-        plumbing.check_model(missing)
+        plumbing.check_model(missing, crd.MODEL_HINTS[crd.tiny_geneval().model])
     cfg = dataclasses.replace(crd.tiny_geneval(), model=str(model), output_dir=str(tmp_path), iterations=2,
                               prompts_per_iteration=2, group_size=4, micro_batch_size=8, lora_rank=4, lora_alpha=8,
                               optimizer_steps_per_iteration=1, eval_count=12, eval_start=38, num_steps=4,

@@ -1,31 +1,25 @@
 """CRD against its ablations, the DiffusionNFT baseline and a reward-free control, on the tiny OCR task.
 
 Every variant is the CPU default of crd.py (`python crd.py --reward ocr`) plus the flags below, run for the same
-number of iterations and seeds as its own process under runs/ablate/<variant>-s<seed>/. A finished run is skipped
-and an interrupted one resumed (`--resume auto`), so the grid can be filled in pieces:
+number of iterations and seeds as its own process under --out/<variant>-s<seed>/. A finished run is skipped and an
+interrupted one resumed (`--resume auto`), so the grid can be filled in pieces, two runs at a time:
 
-    python bench/ablate.py --variants crd,nft,anchor-only --seeds 0,1,2   # ~12 min per run on 2 CPU cores
-    python bench/ablate.py --report                                        # docs/ablation*.csv, docs/ablation.png
+    OMP_NUM_THREADS=1 python bench/ablate.py --variants crd,anchor-only --seeds 0,1,2 --out runs/main   # ~15 min/run
+    python bench/ablate.py --report --out runs/main --name main        # docs/main.csv, main_runs.csv, main.png
 
-`--preset tiny_geneval` runs the same variants on the shapes-world GenEval task (`crd.py --preset tiny_geneval`)
-and reports the held-out GenEval score, the partial credit and each tag's accuracy instead.
+The OCR runs are watched on the 128 validation prompts (data/tiny_ocr/val.txt: where settings are chosen); the
+report scores each final LoRA once (cached, ~20 s each) on held-out prompts 1-256 and 257-512, which no choice has
+seen, with the training engine and the unseen PP-OCRv4 engine, and adds the reward-hacking signs and the
+diagnostics of each run (see `report`). `--out` and `--name` keep grids apart.
 
-The report reads each run's metrics.jsonl (held-out OCR reward of theta, no CFG, at every evaluation, with the
-unseen PP-OCRv4 metric when it was logged and the reward-hacking signs: fraction of near-blank images, mean
-per-image grey-level std) and scores each final LoRA once on the second half of the held-out list (prompts
-257-512, `crd.py --eval --eval-start 256`; cached, ~1 min per run), which no choice of setting or checkpoint has
-seen. `--report --rescore` also re-scores the first half from the saved LoRA instead of the run's own last
-evaluation. Variants with fewer seeds than asked are reported with the seeds they have. `--out` and `--name` keep
-grids apart (runs under --out, docs/<name>*.csv and .png).
-
-The grid in docs/ablation* was run on the previous embedded model (step 4,500 of the same pretraining run, shipped
-up to commit cf35ed8; `python tools/pretrain_tiny.py --keep-step 4500` rebuilds it into assets/) with the defaults
-of that time, and its threshold (0.45) sits between that model's scores without and with CFG; docs/main* is the
-grid on the current model and defaults (`--out runs/main --name main --threshold 0.6`).
+`--preset tiny_geneval` runs the same variants on the shapes-world GenEval task (`crd.py --preset tiny_geneval`,
+watched on its held-out list) and reports the GenEval score, the partial credit and each tag's accuracy on the
+held-out, validation and a training-prompt sample (`report_geneval`).
 """
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -36,9 +30,7 @@ DOCS = os.path.join(ROOT, "docs")
 
 VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "crd": [],
-    "crd-sigma": ["--time-weighting", "sigma"],  # Eq. (7) weighted by sigma (at theta = old: DiffusionNFT's gradient)
-    "crd-uniform": ["--time-weighting", "uniform"],
-    "no-anchor-sigma": ["--kl-beta", "0", "--time-weighting", "sigma"],
+    "crd-uniform": ["--time-weighting", "uniform"],  # Eq. (7) unweighted over sigma (the port)
     "paper-schedules": ["--old-decay-max", "0.999", "--sampler-decay-max", "0.999"],  # Eq. (8) as the OCR recipe
     "nft": ["--objective", "nft"],  # DiffusionNFT loss (docs/method.md, Eqs. A1-A2), same sampler, reward and budget
     "anchor-only": ["--objective", "anchor", "--no-adaptive-kl"],  # reward-free: CFG-anchor KL alone
@@ -56,13 +48,15 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
 }
 
 
-VAL_EVAL = ["--eval-prompts", "data/tiny_ocr/val.txt", "--eval-count", "128"]  # --eval-on val: choose on these
+VAL_EVAL = ["--eval-prompts", "data/tiny_ocr/val.txt", "--eval-count", "128"]  # OCR runs are watched on these
 
 
-def command(variant, seed, iterations, out, preset="tiny_ocr", eval_on="heldout"):
+def command(variant, seed, iterations, out, preset="tiny_ocr"):
+    """The crd.py command of one run: the task's default plus the variant's flags; OCR runs evaluate on the
+    validation prompts (the held-out halves are scored by --report), GenEval runs on their held-out list."""
     task = ["--reward", "ocr"] if preset == "tiny_ocr" else ["--preset", preset]
     return ["python", "crd.py", *task, *VARIANTS[variant], "--seed", str(seed), "--iterations", str(iterations),
-            *(VAL_EVAL if eval_on == "val" else []), "--output-dir", os.path.relpath(out, ROOT),
+            *(VAL_EVAL if preset == "tiny_ocr" else []), "--output-dir", os.path.relpath(out, ROOT),
             "--run-name", f"{variant}-s{seed}"]
 
 
@@ -78,14 +72,14 @@ def finished(run_dir, iterations):
     return any(m.get("eval/iteration") == iterations for m in read_metrics(run_dir))
 
 
-def run(variants, seeds, iterations, out, preset="tiny_ocr", eval_on="heldout"):
+def run(variants, seeds, iterations, out, preset="tiny_ocr"):
     for seed in seeds:  # seeds outermost: a partial grid still covers every variant
         for variant in variants:
             run_dir = os.path.join(out, f"{variant}-s{seed}")
             if finished(run_dir, iterations):
                 print(f"{variant} seed {seed}: done, skipped", flush=True)
                 continue
-            cmd = command(variant, seed, iterations, out, preset, eval_on)
+            cmd = command(variant, seed, iterations, out, preset)
             if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 cmd += ["--resume", "auto"]
             print(" ".join(cmd), flush=True)
@@ -110,16 +104,6 @@ def final_eval(run_dir, start=0):
                        ["--reward", "ocr", "--eval-start", str(start)])
 
 
-def final_scores(run_dir, metrics, iterations, rescore=False):
-    """Held-out scores of a finished run's final model: its own last evaluation in `metrics` (its metrics.jsonl),
-    or a re-score of the saved LoRA (with `rescore`, or for runs logged before pixel_std / blank were recorded)."""
-    last = next(m for m in metrics if m.get("eval/iteration") == iterations)
-    if rescore or "eval/pixel_std" not in last:
-        result = final_eval(run_dir)
-        return result | {"ppocr": result.get("unseen", {}).get("ppocr")}
-    return {k: last.get(f"eval/{k}") for k in ("reward", "exact", "blank", "pixel_std", "ppocr")}
-
-
 def write_runs(rows, iterations, out, name):
     """docs/NAME_runs.csv, one row per finished run; exits with a message when there is none."""
     if not rows:
@@ -135,7 +119,20 @@ def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
 
 
-def report(iterations, out, name, threshold, rescore=False):
+def mean_over(metrics, key, first=None, last=None):
+    """The mean of a per-iteration entry over iterations [first, last), NaNs (e.g. crd/corr_fresh at 0) left out."""
+    values = [m[key] for m in metrics[first:last] if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])]
+    return statistics.mean(values) if values else None
+
+
+def report(iterations, out, name):
+    """The OCR grid's report. Each run evaluated theta on the validation prompts during training (--eval-on val: its
+    curve and its last value); its final LoRA is scored here on held-out prompts 1-256 and 257-512 (`final_eval`,
+    cached), which no choice has seen, by the training engine and the unseen PP-OCRv4 engine. Also per run: the
+    reward-hacking signs (near-blank fraction, pixel std), the diagnostics averaged over the run (crd/corr,
+    crd/corr_fresh, crd/explained) and the rise of the rollout reward (mean of the last 25 iterations minus the first
+    25). Writes docs/NAME_runs.csv (per run, with its command), docs/NAME.csv (mean and std per variant) and
+    docs/NAME.png (validation curves), and prints the summary as a Markdown table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,78 +146,60 @@ def report(iterations, out, name, threshold, rescore=False):
                 continue
             metrics = read_metrics(run_dir)
             evals = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
-            final = final_scores(run_dir, metrics, iterations, rescore)
-            second = final_eval(run_dir, start=256)  # held-out prompts 257-512: seen by no choice
-            reached = [i for i, r in evals if r >= threshold]
-            rows.append({"variant": variant, "seed": seed, "final_reward": dict(evals)[iterations],
-                         "final_exact": final["exact"], "final_unseen_ppocr": final["ppocr"],
-                         "heldout_257_512": second["reward"],
-                         "heldout_257_512_ppocr": second.get("unseen", {}).get("ppocr"),
-                         "iterations_to_threshold": reached[0] if reached else "",
-                         "blank_fraction": final["blank"], "pixel_std": final["pixel_std"],
+            last = next(m for m in metrics if m.get("eval/iteration") == iterations)
+            first_half, second_half = final_eval(run_dir), final_eval(run_dir, start=256)
+            rows.append({"variant": variant, "seed": seed, "val": last["eval/reward"],
+                         "val_ppocr": last.get("eval/ppocr"),
+                         "heldout_1_256": first_half["reward"], "heldout_1_256_ppocr": first_half["unseen"]["ppocr"],
+                         "heldout_257_512": second_half["reward"],
+                         "heldout_257_512_ppocr": second_half["unseen"]["ppocr"], "exact_1_256": first_half["exact"],
+                         "blank": first_half["blank"], "pixel_std": first_half["pixel_std"],
+                         "corr": mean_over(metrics, "crd/corr"), "corr_fresh": mean_over(metrics, "crd/corr_fresh"),
+                         "explained": mean_over(metrics, "crd/explained"),
+                         "rollout_rise": (mean_over(metrics, "reward/mean", -25)
+                                          - mean_over(metrics, "reward/mean", 0, 25)),
                          "command": " ".join(command(variant, seed, iterations, out))})
             curves.setdefault(variant, []).append(evals)
     write_runs(rows, iterations, out, name)
-
+    keys = [k for k in rows[0] if k not in ("variant", "seed", "command")]
     summary = []
     for variant in curves:
         mine = [r for r in rows if r["variant"] == variant]
-        reward_mean, reward_std = mean_std([r["final_reward"] for r in mine])
-        reached = [r["iterations_to_threshold"] for r in mine if r["iterations_to_threshold"] != ""]
-        extra = {}
-        for key in ("final_unseen_ppocr", "heldout_257_512", "heldout_257_512_ppocr"):
+        entry = {"variant": variant, "seeds": len(mine), "flags": " ".join(VARIANTS[variant])}
+        for key in keys:
             values = [r[key] for r in mine if r[key] is not None]
             mean, std = mean_std(values)
-            extra |= {f"{key}_mean": round(mean, 4) if values else "", f"{key}_std": round(std, 4) if values else ""}
-        summary.append({"variant": variant, "seeds": len(mine), "final_reward_mean": round(reward_mean, 4),
-                        "final_reward_std": round(reward_std, 4), **extra,
-                        "iterations_to_threshold": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(mine)})"
-                                                    if reached else f"- (0/{len(mine)})"),
-                        "blank_fraction": round(statistics.mean(r["blank_fraction"] for r in mine), 4),
-                        "pixel_std": round(statistics.mean(r["pixel_std"] for r in mine), 4),
-                        "flags": " ".join(VARIANTS[variant])})
+            entry |= {f"{key}_mean": round(mean, 4) if values else "", f"{key}_std": round(std, 4) if values else ""}
+        summary.append(entry)
     with open(os.path.join(DOCS, f"{name}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
 
-    # Left: CRD against the baseline and the control, with ±1 std bands. Right: CRD against its ablations, lines only.
-    # CRD is drawn last, thick and black, so that it stays visible under ten overlapping curves.
-    panels = [("baseline and reward-free control", ["nft", "anchor-only"], True),
-              ("drift-control and design ablations", [v for v in curves if v not in ("crd", "nft", "anchor-only")],
-               False)]
-    panels = [p for p in panels if any(v in curves for v in p[1])] or panels[:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, (title, variants, bands) in zip(axes, panels):
-        for variant in [v for v in variants if v in curves] + (["crd"] if "crd" in curves else []):
-            runs = curves[variant]
-            steps = [i for i, _ in runs[0]]
-            values = [[dict(r)[i] for r in runs] for i in steps]
-            means, spread = zip(*(mean_std(v) for v in values))
-            style = dict(color="black", lw=2.5, zorder=5) if variant == "crd" else dict(lw=1.2)
-            line, = ax.plot(steps, means, marker="o", ms=3, label=f"{variant} ({len(runs)} seeds)", **style)
-            if bands or variant == "crd":
-                ax.fill_between(steps, [m - s for m, s in zip(means, spread)], [m + s for m, s in zip(means, spread)],
-                                color=line.get_color(), alpha=0.12)
-        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
-        ax.set(xlabel="iteration", title=f"CRD vs {title}")
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0].set_ylabel("held-out OCR reward (256 prompts, no CFG)")
-    fig.suptitle("Tiny OCR task, CPU: mean over seeds (bands: ±1 std over seeds)", fontsize=10)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, runs in curves.items():
+        steps = [i for i, _ in runs[0]]
+        means, spread = zip(*(mean_std([dict(r)[i] for r in runs]) for i in steps))
+        line, = ax.plot(steps, means, marker="o", ms=3, lw=2.5 if variant == "crd" else 1.2,
+                        label=f"{variant} ({len(runs)} seeds)")
+        ax.fill_between(steps, [m - s for m, s in zip(means, spread)], [m + s for m, s in zip(means, spread)],
+                        color=line.get_color(), alpha=0.12)
+    ax.set(xlabel="iteration", ylabel="validation OCR reward (128 prompts, no CFG)",
+           title="Tiny OCR task, CPU: mean over seeds (bands: ±1 std)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(DOCS, f"{name}.png"), dpi=120)
 
     def cell(s, key):
         return f"{s[key + '_mean']:.3f} ± {s[key + '_std']:.3f}" if s.get(key + "_mean") != "" else ""
 
-    print(f"| variant | seeds | held-out 1-256 | unseen PP-OCR, 1-256 | held-out 257-512 | unseen PP-OCR, 257-512 | "
-          f"iterations to {threshold} | near-blank | pixel std | flags |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    shown = ["val", "heldout_1_256", "heldout_1_256_ppocr", "heldout_257_512", "heldout_257_512_ppocr", "blank",
+             "corr", "corr_fresh", "explained", "rollout_rise"]
+    print("| variant | seeds | " + " | ".join(shown) + " | flags |")
+    print("|---" * (len(shown) + 3) + "|")
     for s in summary:
-        print(f"| {s['variant']} | {s['seeds']} | {s['final_reward_mean']:.3f} ± {s['final_reward_std']:.3f} | "
-              f"{cell(s, 'final_unseen_ppocr')} | {cell(s, 'heldout_257_512')} | {cell(s, 'heldout_257_512_ppocr')} | "
-              f"{s['iterations_to_threshold']} | {s['blank_fraction']:.3f} | {s['pixel_std']:.3f} | `{s['flags']}` |")
+        print(f"| {s['variant']} | {s['seeds']} | " + " | ".join(cell(s, k) for k in shown) + f" | `{s['flags']}` |")
 
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -292,16 +271,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="crd,nft,anchor-only", help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
-    parser.add_argument("--iterations", type=int, default=75, help="CRD iterations per run (the CPU default: 75)")
+    parser.add_argument("--iterations", type=int, default=150, help="CRD iterations per run (the OCR default: 150; "
+                        "tiny_geneval: 75)")
     parser.add_argument("--report", action="store_true", help="only aggregate finished runs into docs/")
-    parser.add_argument("--rescore", action="store_true", help="with --report: re-score every saved final LoRA")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablate"), help="where the runs live")
     parser.add_argument("--name", default="ablation", help="report files: docs/NAME.csv, NAME_runs.csv, NAME.png")
-    parser.add_argument("--threshold", type=float, default=0.45, help="held-out reward counted as 'reached'")
-    parser.add_argument("--eval-on", default="heldout", choices=["heldout", "val"],
-                        help="prompts of the evaluations during each run: heldout (1-256, the crd.py default) or val "
-                             "(data/tiny_ocr/val.txt, 128: for choosing settings; the final LoRAs are then scored on "
-                             "both held-out halves by --report)")
     parser.add_argument("--preset", default="tiny_ocr", choices=["tiny_ocr", "tiny_geneval"],
                         help="the task: tiny_ocr (`crd.py --reward ocr`) or tiny_geneval (`crd.py --preset "
                              "tiny_geneval`, reported by GenEval score and tag)")
@@ -309,10 +283,10 @@ if __name__ == "__main__":
     if args.report and args.preset == "tiny_geneval":
         report_geneval(args.iterations, os.path.abspath(args.out), args.name, args.preset)
     elif args.report:
-        report(args.iterations, os.path.abspath(args.out), args.name, args.threshold, args.rescore)
+        report(args.iterations, os.path.abspath(args.out), args.name)
     else:
         unknown = set(args.variants.split(",")) - set(VARIANTS)
         if unknown:
             sys.exit(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
         run(args.variants.split(","), [int(s) for s in args.seeds.split(",")], args.iterations,
-            os.path.abspath(args.out), args.preset, args.eval_on)
+            os.path.abspath(args.out), args.preset)
