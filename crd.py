@@ -50,7 +50,6 @@ dimensions of each sample; losses are reduced in fp32. Every draw of iteration i
 import collections
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -61,8 +60,9 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
-from plumbing import (InputError, RunDirectory, all_gather, average_gradients, check_inputs, check_model, cli,
-                      evaluate, evaluation_due, make_rewards, pick_device, setup_distributed)  # not part of CRD
+from plumbing import (InputError, RunDirectory, all_gather, average_gradients, check_inputs, cli, evaluate,
+                      evaluation_due, load_frozen_pipeline, make_rewards, pick_device,
+                      setup_distributed)  # not part of CRD
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -415,44 +415,8 @@ def nft_loss(v_theta, v_old, x_sigma, x0, sigma, rewards, beta=1.0, floor=1e-5):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model helpers: the pipeline, text embeddings, sampling, the LoRA adapters theta / old / sampler
+# Model helpers: text embeddings, sampling, the LoRA adapters theta / old / sampler (loading: plumbing.py)
 # ----------------------------------------------------------------------------------------------------------------
-def load_pipeline(model, dtype=torch.float32, device="cpu"):
-    """Load a `StableDiffusion3Pipeline` from a local directory or a hub id (e.g. the embedded tiny model).
-
-    Raises InputError if `model` looks like a local path but holds no `model_index.json`, or cannot be loaded
-    (a hub id with no network, or one not in the local cache with HF_HUB_OFFLINE=1).
-    """
-    from diffusers import StableDiffusion3Pipeline
-
-    check_model(model)
-    absent = {}  # components saved as [null, null] (the tiny model has no T5) must be passed as None
-    index = os.path.join(model, "model_index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            absent = {k: None for k, v in json.load(f).items() if isinstance(v, list) and v[0] is None}
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **absent)
-    except OSError as error:  # the hub could not be reached, or a file is missing
-        raise InputError(f"cannot load --model {model!r} ({str(error).splitlines()[0]}). A hub id needs the network "
-                         f"and, for SD3.5-M, a login; with HF_HUB_OFFLINE=1 only models already in the local cache "
-                         f"load. Or pass a local folder written by save_pretrained.") from error
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def load_frozen_pipeline(cfg, device):
-    """`load_pipeline(cfg.model)` in bf16 or fp32 (--mixed-precision) with the VAE and the text encoders frozen; with
-    --text-encoders-on-cpu the text encoders stay on the CPU (`encode_prompts` moves their output)."""
-    pipe = load_pipeline(cfg.model, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32, device)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
-            module.requires_grad_(False)
-            if cfg.text_encoders_on_cpu and module is not pipe.vae:
-                module.to("cpu")
-    return pipe
-
-
 def encode_prompts(pipe, prompts, max_sequence_length, cache=None):
     """Text-encode prompts with the pipeline's own encoders (which may live on the CPU, see text_encoders_on_cpu).
 

@@ -365,7 +365,7 @@ def test_the_analytic_tilt_check_fails_when_the_loss_is_broken(toy_base, monkeyp
 # The embedded model and the LoRA adapters
 # ---------------------------------------------------------------------------------------------------------------
 def test_embedded_model_loads_offline_and_samples():
-    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    pipe = plumbing.load_pipeline(crd.TINY_MODEL)
     assert pipe.text_encoder_3 is None and pipe.transformer.config.in_channels == 4
     embeds, pooled = crd.encode_prompts(pipe, ['"abc"', '"hello"'], 2)
     latents = crd.sample_latents(pipe, embeds, pooled, [0, 1], 32, 96, 3, 1.0, 2)
@@ -375,7 +375,7 @@ def test_embedded_model_loads_offline_and_samples():
 
 
 def test_rollouts_in_chunks_match_one_batch():
-    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    pipe = plumbing.load_pipeline(crd.TINY_MODEL)
     crd.add_lora_adapters(pipe.transformer, 4, 8, crd.Config().lora_targets)
     prompts, seeds = ['"abc"', '"hello"'], [5, 6, 7, 8]
     whole = crd.rollout(pipe, prompts, seeds, crd.Config(group_size=2, num_steps=3), contextlib.nullcontext())
@@ -403,7 +403,7 @@ def test_readme_snippet_loads_the_embedded_model_with_plain_diffusers(tmp_path, 
 
 
 def test_lora_adapters_start_equal_and_switch():
-    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    pipe = plumbing.load_pipeline(crd.TINY_MODEL)
     params = crd.add_lora_adapters(pipe.transformer, 4, 8, "to_q,to_v")
     assert len(params["theta"]) == len(params["old"]) == len(params["sampler"]) > 0
     x, sigma = randn(2, 4, 16, 48, seed=7), torch.tensor([0.5, 0.9])
@@ -422,7 +422,7 @@ def test_lora_adapters_start_equal_and_switch():
 
 
 def test_prompt_cache_serves_single_prompt_encodings_and_drops_the_least_recent():
-    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    pipe = plumbing.load_pipeline(crd.TINY_MODEL)
     cache, prompts = crd.PromptCache(2), ['"abc"', '"xyz"', '"abc"']
     embeds, pooled = crd.encode_prompts(pipe, prompts, 2, cache)
     for i, prompt in enumerate(prompts):
@@ -466,12 +466,12 @@ def test_main_end_to_end_then_exact_resume(tmp_path):
     assert lora_moved(a["lora"]["theta"])
 
     # the saved LoRA, loaded the diffusers way, reproduces theta's velocity (weights and alpha / r scale)
-    pipe = crd.load_pipeline(crd.TINY_MODEL)
+    pipe = plumbing.load_pipeline(crd.TINY_MODEL)
     params = crd.add_lora_adapters(pipe.transformer, 4, 8, crd.Config().lora_targets)
     with torch.no_grad():
         for p, t in zip(params["theta"], a["lora"]["theta"]):
             p.copy_(t)
-    loaded = crd.load_pipeline(crd.TINY_MODEL)
+    loaded = plumbing.load_pipeline(crd.TINY_MODEL)
     loaded.load_lora_weights(str(run / "lora"))
     x, sigma = randn(2, 4, 16, 48, seed=8), torch.tensor([0.3, 0.8])
     embeds, pooled = crd.encode_prompts(pipe, ['"abc"', '"xyz"'], 2)
@@ -513,7 +513,7 @@ def test_nonfinite_loss_stops_with_iteration_and_step_or_is_skipped_and_counted(
 def test_sd35m_code_path_runs_on_a_tiny_pipeline_with_its_layout(tmp_path):
     model = tmp_path / "tiny-sd35m-layout"
     sd35m_layout_pipeline(str(model))
-    pipe = crd.load_pipeline(str(model))  # reloads offline, all three text encoders present
+    pipe = plumbing.load_pipeline(str(model))  # reloads offline, all three text encoders present
     assert pipe.text_encoder_3 is not None and pipe.vae.config.latent_channels == 16
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a sign "abc"\na sign "xyz"\n')

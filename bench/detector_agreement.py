@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=256)
     args = parser.parse_args(argv)
     cfg = crd.tiny_geneval()
-    pipe = crd.load_pipeline(args.model)
+    pipe = plumbing.load_pipeline(args.model)
     prompts = plumbing.read_prompts(args.prompts)[: args.count]
     images = crd.generate(pipe, prompts, range(len(prompts)), cfg.height, cfg.width, cfg.eval_num_steps, 1.0,
                           cfg.max_sequence_length)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crd  # noqa: E402
 import plumbing  # noqa: E402
 
-pipe = crd.load_pipeline(crd.TINY_MODEL)
+pipe = plumbing.load_pipeline(crd.TINY_MODEL)
 prompts = plumbing.read_prompts(os.path.join(crd.TINY_DATA, "heldout.txt"))[:16]
 times = []
 for run in range(6):
