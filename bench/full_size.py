@@ -3,15 +3,16 @@
 Builds SD3.5-M's transformer, VAE and three text encoders from the public configurations in bench/sd35m_configs/
 (architecture only: no weights are shipped or downloaded), saves the pipeline to a local folder, and runs a few
 iterations of `crd.main` with the `sd35m_ocr` preset: the real code path and the real batch sizes (48 prompts x
-24 samples, 9 training timesteps, micro-batches of 24, rollouts in chunks of 48). The reward is `ink` (cheap,
-deterministic) because random weights draw noise, not text; `--reward ocr` adds the OCR engine's time.
+24 samples, 20 training timesteps, micro-batches of 24, rollouts in chunks of 48; --prompts-per-iteration fewer for
+a short check, its per-image and per-pass times scaled to the preset in the last line). The reward is `ink`
+(cheap, deterministic) because random weights draw noise, not text; `--reward ocr` adds the OCR engine's time.
 
     python bench/full_size.py                    # one GPU: SD3.5-M sizes, bf16, 3 iterations
     python bench/full_size.py --scale tiny       # CPU: the same code path with shrunken configs (run by the tests)
 
 Prints, for the iterations after the first (warm-up): seconds per iteration split into rollout / reward /
-training / evaluation, images per second, and the peak GPU memory. The evaluation is timed on --eval-count
-prompts at the preset's 40 steps and scaled to the 1,018 OCR test prompts in the last line.
+training / evaluation, images per second, the peak GPU memory, the evaluation timed on --eval-count prompts at the
+preset's 40 steps and scaled to the 1,018 OCR test prompts, and the preset's seconds per iteration.
 """
 import argparse
 import dataclasses
@@ -92,6 +93,9 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=3, help="the first one is reported as warm-up")
     parser.add_argument("--eval-count", type=int, default=48, help="evaluation prompts timed (40 steps each)")
     parser.add_argument("--reward", default="ink", help="ink (cheap, the default) or ocr (adds EasyOCR's time)")
+    parser.add_argument("--prompts-per-iteration", type=int, default=48,
+                        help="prompts per iteration at full scale (48: the preset; fewer for a short check, scaled "
+                             "to the preset's 48 in the last line)")
     parser.add_argument("--workdir", default="", help="where the random pipeline is saved (default: a temp folder)")
     args = parser.parse_args(argv)
     full = args.scale == "full"
@@ -112,9 +116,10 @@ def run(args, workdir, full, device):
     prompts = os.path.join(workdir, "prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(PROMPTS * 8) + "\n")  # 48 prompts: one iteration of the preset draws each once
-    sizes = {} if full else dict(height=32, width=32, max_sequence_length=4, prompts_per_iteration=2, group_size=2,
-                                 micro_batch_size=2, sample_batch_size=4, num_steps=3, train_timesteps=2,
-                                 eval_num_steps=2, lora_rank=4, lora_alpha=8, mixed_precision="no")
+    sizes = dict(prompts_per_iteration=args.prompts_per_iteration) if full else dict(
+        height=32, width=32, max_sequence_length=4, prompts_per_iteration=2, group_size=2, micro_batch_size=2,
+        sample_batch_size=4, num_steps=3, train_timesteps=2, eval_num_steps=2, lora_rank=4, lora_alpha=8,
+        mixed_precision="no")
     cfg = dataclasses.replace(crd.sd35m_ocr(), model=model, prompts=prompts, eval_prompts=prompts,
                               eval_count=args.eval_count if full else 2, eval_every=0, eval_rewards="",
                               reward=args.reward, iterations=args.iterations, output_dir=workdir,
@@ -136,6 +141,13 @@ def run(args, workdir, full, device):
               f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved")
     print(f"evaluation: {eval_time:.1f} s for {cfg.eval_count} prompts at {cfg.eval_num_steps} steps "
           f"(x{1018 / cfg.eval_count:.1f} = {eval_time * 1018 / cfg.eval_count:.0f} s for the 1,018 OCR test prompts)")
+    preset, passes = crd.sd35m_ocr(), cfg.sizes().passes
+    scaled = ((mean["sample"] + mean["reward"]) * preset.prompts_per_iteration * preset.group_size / images
+              + mean["train"] * preset.sizes().passes / passes)
+    print(f"per image: rollout {mean['sample'] / images:.3f} s, reward {mean['reward'] / images:.3f} s; per training "
+          f"pass of {cfg.micro_batch_size}: {mean['train'] / passes:.3f} s -> the preset's iteration "
+          f"({preset.prompts_per_iteration * preset.group_size} images, {preset.sizes().passes} passes) on one such "
+          f"device: ~{scaled:.0f} s")
     return metrics
 
 
