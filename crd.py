@@ -726,7 +726,7 @@ def pass_diagnostics(result, rewards, cfg):
     return log, (float(((predicted - target) ** 2).sum()), float((target ** 2).sum()))
 
 
-def reward_term_share(loss_reward, params, passes_per_step, sigma):
+def reward_term_share(loss_reward, params, n_accum, sigma):
     """Does the reward term pull its weight? Call before the pass's backward and call the result after it, on the
     first pass of an iteration (no gradient accumulated yet): splits that pass's gradient of theta into the reward
     term's g_R (one extra backward) and the KL anchor's g_KL = total - g_R. The result returns the log entries
@@ -736,7 +736,7 @@ def reward_term_share(loss_reward, params, passes_per_step, sigma):
     g_reward = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, g_reward)])
 
     def after_backward():
-        g_kl = torch.cat([p.grad.flatten() for p in params]) * passes_per_step - g_reward
+        g_kl = torch.cat([p.grad.flatten() for p in params]) * n_accum - g_reward
         return {"grad/reward_norm": g_reward.norm().item(), "grad/kl_norm": g_kl.norm().item(),
                 "grad/cos_reward_kl": torch.nn.functional.cosine_similarity(g_reward, g_kl, dim=0).item(),
                 "grad/sigma": sigma[0].item()}

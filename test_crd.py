@@ -391,8 +391,9 @@ def test_readme_snippet_loads_the_embedded_model_with_plain_diffusers(tmp_path, 
     """The README's plain-diffusers lines, run as written (from the repository root), on a LoRA a run saved."""
     crd.main(tiny_config(tmp_path, iterations=1))
     readme = open(os.path.join(os.path.dirname(crd.__file__), "README.md")).read()
-    snippet = readme.split("runs exactly these lines):\n\n```python\n")[1].split("```")[0]
-    assert "from_pretrained(\"assets/tiny-sd3-text\"" in snippet and "load_lora_weights" in snippet
+    blocks = [block.split("```")[0] for block in readme.split("```python\n")[1:]]
+    snippet = next(block for block in blocks if "from_pretrained(\"assets/tiny-sd3-text\"" in block)
+    assert "load_lora_weights" in snippet
     snippet = snippet.replace("runs/crd-tiny-ocr/lora", str(tmp_path / "test" / "lora"))
     snippet = snippet.replace('"grid.png"', repr(str(tmp_path / "grid.png")))
     monkeypatch.chdir(os.path.dirname(crd.__file__))
