@@ -707,8 +707,9 @@ OBJECTIVES = {"crd": crd_pass, "anchor": anchor_pass, "nft": nft_pass}  # --obje
 def finite(value, what, cfg, state):
     """True if the scalar tensor `value` is finite. If not: False with --skip-nonfinite (the caller skips the pass or
     step and counts it), else FloatingPointError naming `what` and state's iteration and optimizer step."""
-    if torch.isfinite(value) or cfg.skip_nonfinite:
-        return bool(torch.isfinite(value))
+    ok = bool(torch.isfinite(value))
+    if ok or cfg.skip_nonfinite:
+        return ok
     raise FloatingPointError(f"non-finite {what} {value.item()} at iteration {state['iteration']}, optimizer step "
                              f"{state['step']}")
 
