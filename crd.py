@@ -85,6 +85,7 @@ Sizes = collections.namedtuple("Sizes", "samples passes n_accum")  # per process
 PositiveInt, PositiveFloat = Annotated[int, "> 0"], Annotated[float, "> 0"]
 NonNegativeInt, NonNegativeFloat = Annotated[int, ">= 0"], Annotated[float, ">= 0"]
 Fraction, UnitInterval = Annotated[float, "[0, 1)"], Annotated[float, "(0, 1]"]
+Decay = Annotated[float, "[0, 1]"]  # an EMA decay of Eq. (8) that may be 1: the snapshot never moves
 
 
 @dataclasses.dataclass
@@ -135,7 +136,8 @@ class Config:
     adaptive_norm: bool = True  # per-sample adaptive normalisation of the denoising errors in Eq. (5)
     centering: Literal["prompt", "batch"] = "prompt"  # Eq. (7) centring: within each group of K, or the micro-batch
     loss_type: Literal["mse", "bce"] = "mse"  # Eq. (7) regression: mse, or BCEWithLogits(beta R^, sigmoid(R))
-    time_weighting: Literal["uniform", "sigma"] = "sigma"  # lambda of Eq. (7): each sample's sigma, or 1 (the port)
+    time_weighting: Literal["uniform", "sigma", "normalized-sigma"] = "sigma"  # lambda of Eq. (7): each sample's
+    # sigma, sigma / the mean of the training sigmas (mean weight 1), or 1 (the port)
     train_timesteps: PositiveInt = 3  # T: training timesteps per sample per iteration, from the sampler schedule
     timestep_draw: Literal["random", "stratified"] = "random"  # T distinct at random, or the port's (draw_timesteps)
     shared_timesteps: bool = True  # all samples of a pass share its sigma (the port); off: one draw per sample
@@ -143,9 +145,9 @@ class Config:
     timestep_range: UnitInterval = 0.99  # train on the first floor(timestep_range * num_steps) schedule steps
     # drift control
     slow_reference: bool = True  # old = EMA of theta with eta_old of Eq. (8); off: old = theta after every iteration
-    old_decay_start: Fraction = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8)
+    old_decay_start: Decay = 0.25  # eta_old(s) = min(start + rate s, max), Eq. (8); start = max = 1: old frozen
     old_decay_rate: NonNegativeFloat = 0.005  # see old_decay_start
-    old_decay_max: Fraction = 0.5  # see old_decay_start (the OCR recipe's 0.999: sd35m_ocr)
+    old_decay_max: Decay = 0.5  # see old_decay_start (the OCR recipe's 0.999: sd35m_ocr)
     decoupled_sampler: bool = True  # rollouts from an EMA snapshot with eta_samp of Eq. (8); off: from theta
     sampler_decay_delay: NonNegativeInt = 75  # eta_samp(s) = 0 for s < delay, else min(rate (s - delay), max), Eq. (8)
     sampler_decay_rate: NonNegativeFloat = 0.0075  # see sampler_decay_delay
@@ -382,11 +384,12 @@ def cfg_anchor_kl(v_theta, v_pre_cond, v_pre_uncond, guidance_scale):
 
 
 def kl_weights(rewards, kl_beta, adaptive=True, floor=1e-4):
-    """Per-sample KL weight, Eq. (10): floor + r (kl_beta - floor) if adaptive, else kl_beta.
+    """Per-sample KL weight, Eq. (10): floor + r (kl_beta - floor) if adaptive, else kl_beta; exactly 0 for
+    kl_beta = 0 (no anchor: the floor would otherwise leave a weight floor (1 - r), as the port does not).
 
     rewards: (N,) in [0, 1]. Returns (N,): high-reward samples are held near the anchor, low-reward ones are free.
     """
-    if not adaptive:
+    if not adaptive or kl_beta == 0:
         return torch.full_like(rewards, kl_beta, dtype=torch.float32)
     return floor + rewards.float() * (kl_beta - floor)
 
@@ -643,6 +646,15 @@ def draw_noise(x0, repeat, generator):
     return eps.repeat_interleave(repeat, dim=0).to(x0.device)
 
 
+def time_weights(sigma, sigmas, time_weighting):
+    """lambda of Eq. (7) for a pass's samples at noise levels sigma (B,): sigma itself ('sigma', Deviation 1),
+    sigma / mean(sigmas) over the training schedule sigmas (S,) ('normalized-sigma': the same shape, mean weight 1
+    over the schedule, so the reward term keeps its scale against the KL anchor), or None ('uniform': 1)."""
+    if time_weighting == "uniform":
+        return None
+    return sigma if time_weighting == "sigma" else sigma / sigmas.to(sigma.device).mean()
+
+
 class Pass(typing.NamedTuple):
     """What one pass returns: its two loss terms (scalars), the per-sample KL (B,), r^ (B,) and Eq. (7)'s beta R^ and
     R (B,), computed once for the loss and reused by the diagnostics."""
@@ -672,7 +684,7 @@ def crd_pass(transformer, micro, x_sigma, sigma, u, cfg, autocast):
     r_hat = implicit_reward(v_theta, v_old, u, cfg.adaptive_norm)  # Eq. (5)
     predicted, target = centred_rewards(r_hat, micro["rewards_normalized"], cfg.group_size, cfg.beta, cfg.centering)
     loss_crd = distillation_loss(predicted, target, cfg.beta, cfg.loss_type,
-                                 sigma if cfg.time_weighting == "sigma" else None)  # Eq. (7)
+                                 time_weights(sigma, micro["sigmas"], cfg.time_weighting))  # Eq. (7)
     kl = cfg_anchor_kl(v_theta, *v_pre.chunk(2), cfg.kl_cfg)  # Eq. (9)
     loss_kl = (kl_weights(micro["rewards_kl"], cfg.kl_beta, cfg.adaptive_kl) * kl).mean()  # Eq. (10)
     return Pass(loss_crd, loss_kl, kl, r_hat, predicted, target)
@@ -809,7 +821,8 @@ def update(transformer, params, optimizer, batch, cfg, training_rng, autocast, s
 def move_snapshots(params, step, cfg):
     """Alg. 1, line 8: old <- EMA(old, theta, eta_old(s)) and sampler <- EMA(sampler, theta, eta_samp(s)), Eq. (8);
     --no-slow-reference / --no-decoupled-sampler make them copies of theta (eta 0). Returns the log entries, with
-    each snapshot's time constant 1 / (1 - eta) in iterations (about how far it lags behind theta)."""
+    each snapshot's mean lag behind theta in iterations, eta / (1 - eta) (an EMA updated once per iteration with
+    decay eta weighs theta of k iterations ago by (1 - eta) eta^k; inf for a frozen snapshot)."""
     eta_old = (ema_decay(step, cfg.old_decay_start, cfg.old_decay_rate, cfg.old_decay_max)
                if cfg.slow_reference else 0.0)
     eta_sampler = (ema_decay(step, 0.0, cfg.sampler_decay_rate, cfg.sampler_decay_max, cfg.sampler_decay_delay)
@@ -817,7 +830,8 @@ def move_snapshots(params, step, cfg):
     ema_update(params["old"], params["theta"], eta_old)
     ema_update(params["sampler"], params["theta"], eta_sampler)
     return {"ema/eta_old": eta_old, "ema/eta_sampler": eta_sampler, "train/step": step,
-            "ema/tau_old": 1 / (1 - eta_old), "ema/tau_sampler": 1 / (1 - eta_sampler)}
+            "ema/lag_old": eta_old / (1 - eta_old) if eta_old < 1 else math.inf,
+            "ema/lag_sampler": eta_sampler / (1 - eta_sampler)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

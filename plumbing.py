@@ -372,8 +372,8 @@ def plot_diagnostics(metrics, path, window=10):
     """Is the reward term of Eq. (7) learning? Four panels per iteration, saved as PNG: the within-group
     correlation of r^ with r~ over all passes and over the passes before the iteration's first optimizer step
     (crd/corr_fresh: samples no update has seen; each with a running mean over `window` iterations), the explained
-    fraction 1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA time constants
-    (iterations)."""
+    fraction 1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA snapshots' mean lags
+    eta / (1 - eta) (iterations)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,7 +383,7 @@ def plot_diagnostics(metrics, path, window=10):
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
     panels = [(axes[0, 0], ["crd/corr", "crd/corr_fresh"], "corr(R^, R) within groups"), (axes[0, 1], ["crd/explained"],
               "explained fraction of R"), (axes[1, 0], ["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R"),
-              (axes[1, 1], ["ema/tau_old", "ema/tau_sampler"], "EMA time constant (iterations)")]
+              (axes[1, 1], ["ema/lag_old", "ema/lag_sampler"], "EMA snapshots' mean lag (iterations)")]
     for ax, keys, title in panels:
         for key in keys:
             values = np.array([m.get(key, math.nan) for m in metrics], dtype=float)
@@ -396,7 +396,7 @@ def plot_diagnostics(metrics, path, window=10):
         ax.set(title=title, xlabel="iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[1, 1].set_yscale("log")
+    axes[1, 1].set_yscale("symlog")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -536,6 +536,7 @@ def load_frozen_pipeline(cfg, device):
 
 # -- input checks: everything checked before loading a model -----------------------------------------------------
 RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 1)": lambda v: 0 <= v < 1,
+          "[0, 1]": lambda v: 0 <= v <= 1,
           "(0, 1]": lambda v: 0 < v <= 1}  # the range annotations of crd.Config's fields
 
 

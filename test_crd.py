@@ -88,6 +88,8 @@ def test_cfg_anchor_kl_and_kl_weights_hand_values():
     w = crd.kl_weights(torch.tensor([0.0, 0.5, 1.0]), kl_beta=0.1)
     assert torch.allclose(w, torch.tensor([1e-4, 1e-4 + 0.5 * (0.1 - 1e-4), 0.1]))
     assert crd.kl_weights(torch.tensor([0.0, 1.0]), 0.1, adaptive=False).tolist() == pytest.approx([0.1, 0.1])
+    # kl_beta = 0 is no anchor at all: the floor leaves no weight on low-reward samples
+    assert crd.kl_weights(torch.tensor([0.0, 0.3, 1.0]), 0.0).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_nft_baseline_loss_hand_values():
@@ -450,12 +452,13 @@ def test_main_end_to_end_then_exact_resume(tmp_path):
         assert (run / name).is_file(), name
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"reward/mean", "loss/crd", "loss/kl", "ema/eta_old", "time/sample", "time/train", "crd/corr",
-            "crd/explained", "crd/corr_fresh", "ema/tau_old", "ema/tau_sampler"} <= set(logged[0])
+            "crd/explained", "crd/corr_fresh", "ema/lag_old", "ema/lag_sampler"} <= set(logged[0])
     # before any update theta = old, so r^ = 0 ranks nothing; after one iteration it ranks fresh samples
     assert math.isnan(logged[0]["crd/corr_fresh"]) and math.isfinite(logged[1]["crd/corr_fresh"])
     assert "eval/reward" in logged[0] and "eval/reward" in logged[-1]
     assert logged[0]["eval/ink"] == pytest.approx(straight[0]["eval/ink"]) and 0 < logged[0]["eval/ink"] < 1
-    assert logged[0]["ema/tau_old"] == pytest.approx(1 / (1 - logged[0]["ema/eta_old"]))
+    eta = logged[0]["ema/eta_old"]
+    assert logged[0]["ema/lag_old"] == pytest.approx(eta / (1 - eta))
 
     # the same run stopped after two iterations and resumed ends bitwise identical
     crd.main(tiny_config(tmp_path / "b", iterations=2, eval_rewards="ink"))

@@ -34,7 +34,9 @@ VARIANTS = {  # name -> flags added to `python crd.py --reward ocr`
     "paper-schedules": ["--old-decay-max", "0.999", "--sampler-decay-max", "0.999"],  # Eq. (8) as the OCR recipe
     "nft": ["--objective", "nft"],  # DiffusionNFT loss (docs/method.md, Eqs. A1-A2), same sampler, reward and budget
     "anchor-only": ["--objective", "anchor", "--no-adaptive-kl"],  # reward-free: CFG-anchor KL alone
-    "no-anchor": ["--kl-beta", "0"],
+    "no-anchor": ["--kl-beta", "0"],  # Eq. (10) weight exactly 0 (the floor no longer leaves 1e-4 (1 - r~))
+    "frozen-reference": ["--old-decay-start", "1", "--old-decay-max", "1"],  # old = the initial theta, never moved
+    "normalized-sigma": ["--time-weighting", "normalized-sigma"],  # lambda = sigma / mean sigma: mean weight 1
     "anchor-no-cfg": ["--kl-cfg", "1.0"],
     "no-adaptive-kl": ["--no-adaptive-kl"],
     "no-slow-reference": ["--no-slow-reference"],
