@@ -48,6 +48,7 @@ dimensions of each sample; losses are reduced in fp32. Every draw of iteration i
 (seed, i), so a resumed run repeats a straight one exactly.
 """
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -124,6 +125,9 @@ class Config:
     eval_every: NonNegativeInt = 25  # evaluate every this many iterations, and before and after the run (0: only then)
     eval_num_steps: PositiveInt = 10  # Euler steps at evaluation
     eval_guidance_scale: PositiveFloat = 1.0  # CFG scale at evaluation (1.0 = none)
+    implicit_check_prompts: NonNegativeInt = 16  # at each evaluation, rank K rollouts of theta for the first N
+    # held-out prompts by their implicit reward (implicit_reward_check); 0 = off
+    implicit_check_draws: PositiveInt = 16  # (sigma, eps) draws averaged per sample by that check (>= 2)
     # reward
     reward: str = "ocr"  # reward name in reward.REWARDS, or a weighted sum such as ocr:1,ink:0.5
     eval_rewards: str = "ppocr"  # comma-separated unseen metrics scored at each evaluation, never optimised; '' = none
@@ -195,6 +199,8 @@ class Config:
             (passes % self.optimizer_steps_per_iteration, f"{passes} forward/backward passes per iteration cannot be "
              f"split into {self.optimizer_steps_per_iteration} optimizer steps; change "
              f"--optimizer-steps-per-iteration or --train-timesteps"),
+            (self.implicit_check_prompts and self.implicit_check_draws < 2, f"--implicit-check-draws "
+             f"{self.implicit_check_draws}: the check's standard error needs >= 2 draws (or --implicit-check-prompts 0)"),
             (kept < 1, f"--timestep-range {self.timestep_range} keeps no step of the {self.num_steps}-step schedule"),
             (self.timestep_draw == "random" and self.train_timesteps > kept, f"--train-timesteps "
              f"{self.train_timesteps} must be in [1, {kept}] (the kept schedule steps, drawn without replacement; "
@@ -835,6 +841,126 @@ def move_snapshots(params, step, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The method's own diagnostic: does theta's implicit reward rank a prompt's samples as the reward does?
+# ----------------------------------------------------------------------------------------------------------------
+CHECK_SEED = 10**9  # the check's rollout seeds and (sigma, eps) draws: the same at every evaluation of every run
+
+
+@torch.no_grad()
+def implicit_reward_estimates(v_theta, v_references, x0, sigmas, draws, generator, group_size, adaptive_norm=True):
+    """Eq. (5) of theta against each reference model, averaged over `draws` (sigma, eps) pairs per sample.
+
+    v_theta, v_references[name]: callables (x_sigma (N, C, H, W), sigma (N,)) -> velocity (N, C, H, W); x0: the
+    clean samples (N, C, H, W), groups of `group_size` contiguous; sigmas: (S,) the training schedule. Draw m
+    uses sigma = sigmas[m mod S] for every sample and one eps (C, H, W) for all of them (common random numbers:
+    a group's samples are compared at the same noise, and theta with each reference on the same x_sigma).
+    One draw is what a training pass sees: mostly noise (crd/corr ~ 0.01); the mean of M draws has the noise
+    divided by sqrt(M). Returns {name: (estimate (N,), se (N,))}: the mean r^ over the draws and the standard
+    error over draws of its group-centred value (the noise that matters for a ranking within a group).
+    Raises ValueError for draws < 2 (no standard error).
+    """
+    if draws < 2:
+        raise ValueError(f"draws = {draws}: the standard error needs at least 2 (sigma, eps) draws")
+    per_draw = {name: [] for name in v_references}
+    for m in range(draws):
+        sigma = sigmas[m % len(sigmas)].to(x0.device).expand(len(x0))
+        eps = torch.randn(x0.shape[1:], generator=generator).to(x0.device).expand_as(x0)
+        x_sigma = interpolate(x0, eps, sigma)
+        v = v_theta(x_sigma, sigma)
+        for name, v_reference in v_references.items():
+            per_draw[name].append(implicit_reward(v, v_reference(x_sigma, sigma), eps - x0, adaptive_norm))
+    estimates = {}
+    for name, values in per_draw.items():
+        values = torch.stack(values)  # (M, N)
+        centred = (values.view(draws, -1, group_size) - values.view(draws, -1, group_size).mean(2, keepdim=True))
+        estimates[name] = (values.mean(0), centred.flatten(1).std(0) / math.sqrt(draws))
+    return estimates
+
+
+def ranking_agreement(estimates, rewards, group_size):
+    """Within-group agreement of per-sample estimates (e.g. implicit rewards) with the external rewards.
+
+    estimates, rewards: (N,), groups of `group_size` contiguous. Per group: Spearman's rho (scipy.stats.spearmanr;
+    groups where either side is constant are left out) and the pairwise ordering accuracy over the pairs whose
+    rewards differ (an estimate tie counts 1/2; groups with no such pair are left out). Returns {"spearman",
+    "spearman_se", "accuracy", "accuracy_se"}: the means over groups and their standard errors over groups
+    (std / sqrt(groups)), nan where no group counts, and "per_group_accuracy": a list with nan for the groups left
+    out (to pair two models on the same prompts). Chance: rho 0, accuracy 0.5.
+    """
+    from scipy.stats import spearmanr
+
+    x = estimates.detach().double().cpu().view(-1, group_size)
+    y = rewards.detach().double().cpu().view(-1, group_size)
+    rhos, accuracies = [], []
+    for a, b in zip(x, y):
+        constant = bool(a.max() == a.min() or b.max() == b.min())
+        rhos.append(math.nan if constant else float(spearmanr(a.numpy(), b.numpy()).statistic))
+        d_reward, d_estimate = b[:, None] - b[None, :], a[:, None] - a[None, :]
+        pairs = d_reward > 0  # each unordered pair once, from its higher-reward side
+        agree = (d_estimate[pairs] > 0).double() + 0.5 * (d_estimate[pairs] == 0).double()
+        accuracies.append(float(agree.mean()) if pairs.any() else math.nan)
+
+    def mean_se(values):
+        values = np.array([v for v in values if not math.isnan(v)])
+        if len(values) == 0:
+            return math.nan, math.nan
+        return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+    (rho, rho_se), (accuracy, accuracy_se) = mean_se(rhos), mean_se(accuracies)
+    return {"spearman": rho, "spearman_se": rho_se, "accuracy": accuracy, "accuracy_se": accuracy_se,
+            "per_group_accuracy": accuracies}
+
+
+def batched_velocity(transformer, adapter, prompt_embeds, pooled, batch_size, autocast):
+    """`velocity` of adapter `adapter` as a callable (x_sigma (N, C, H, W), sigma (N,)) -> (N, C, H, W) fp32, over
+    the N samples whose text embeddings are prompt_embeds (N, L, D) and pooled (N, D'), in chunks of batch_size."""
+    def v(x_sigma, sigma):
+        with autocast:
+            return torch.cat([velocity(transformer, adapter, x_sigma[part], sigma[part], prompt_embeds[part],
+                                       pooled[part]).float()
+                              for part in (slice(i, i + batch_size) for i in range(0, len(x_sigma), batch_size))])
+    return v
+
+
+@torch.no_grad()
+def implicit_reward_check(pipe, reward_fn, prompts, cfg, draws, references=("pretrained", "old"),
+                          autocast=contextlib.nullcontext()):
+    """Does theta's implicit reward rank its own samples as the reward does? K = cfg.group_size rollouts from theta
+    for each prompt (seeds CHECK_SEED + i: the same noise every time), their external rewards, and their implicit
+    reward of theta against each reference ('pretrained': the frozen model; 'old': the slow reference) by
+    `implicit_reward_estimates` with `draws` (sigma, eps) draws from the training schedule (seeded CHECK_SEED).
+    Returns {f"implicit_{key}_{reference}": value} for the keys of `ranking_agreement` (per_group_accuracy as a
+    list), the noise ratio implicit_noise_{reference} = mean standard error / mean within-group std of the
+    estimates (small: the ranking is not the draws' noise), and "reward": the rollouts' mean reward."""
+    group_prompts = [p for p in prompts for _ in range(cfg.group_size)]
+    embeds, pooled = encode_prompts(pipe, prompts, cfg.max_sequence_length)
+    embeds, pooled = embeds.repeat_interleave(cfg.group_size, 0), pooled.repeat_interleave(cfg.group_size, 0)
+    seeds = range(CHECK_SEED, CHECK_SEED + len(group_prompts))
+    use_adapter(pipe.transformer, "theta")
+    with autocast:
+        x0 = torch.cat([sample_latents(pipe, embeds[i:i + cfg.sample_batch_size], pooled[i:i + cfg.sample_batch_size],
+                                       seeds[i:i + cfg.sample_batch_size], cfg.height, cfg.width, cfg.num_steps, 1.0,
+                                       cfg.max_sequence_length, cfg.sigma_schedule)
+                        for i in range(0, len(seeds), cfg.sample_batch_size)]).float()
+    rewards, _ = reward_fn(decode_latents(pipe, x0), group_prompts)
+    sigmas = training_sigmas(pipe.scheduler, cfg.num_steps, cfg.timestep_range, cfg.sigma_schedule)
+    v = functools.partial(batched_velocity, pipe.transformer, prompt_embeds=embeds, pooled=pooled,
+                          batch_size=cfg.micro_batch_size, autocast=autocast)
+    estimates = implicit_reward_estimates(v("theta"), {ref: v(None if ref == "pretrained" else ref)
+                                                       for ref in references},
+                                          x0, sigmas, draws, torch.Generator().manual_seed(CHECK_SEED),
+                                          cfg.group_size, cfg.adaptive_norm)
+    use_adapter(pipe.transformer, "theta")
+    result = {"reward": float(rewards.float().mean())}
+    for ref, (estimate, se) in estimates.items():
+        result |= {f"implicit_{k}_{ref}": value for k, value in ranking_agreement(estimate, rewards,
+                                                                                  cfg.group_size).items()}
+        spread = group_center(estimate, cfg.group_size).view(-1, cfg.group_size).std(1).mean()
+        result[f"implicit_noise_{ref}"] = float(se.mean() / spread) if spread > 0 else math.nan
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main: Algorithm 1
 # ----------------------------------------------------------------------------------------------------------------
 def start_job(cfg, training=True, lora=""):
@@ -849,15 +975,25 @@ def start_job(cfg, training=True, lora=""):
     reward_fn, unseen = make_rewards(cfg, device, rank)
     pipe = load_frozen_pipeline(cfg, device)
     prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     images_for = functools.partial(generate, pipe, height=cfg.height, width=cfg.width, num_steps=cfg.eval_num_steps,
                                    guidance_scale=cfg.eval_guidance_scale, max_sequence_length=cfg.max_sequence_length,
                                    prompt_cache=prompt_cache, adapter="theta" if training else None,
                                    schedule=cfg.sigma_schedule)
-    return types.SimpleNamespace(
-        rank=rank, world_size=world_size, device=device, run=run, reward_fn=reward_fn, pipe=pipe, prompts=prompts,
-        prompt_cache=prompt_cache, held_out=functools.partial(evaluate, images_for, reward_fn, eval_prompts,
-                                                              unseen=unseen),
-        autocast=torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"))
+
+    def held_out():  # the held-out scores, and in training the implicit-reward check (its own seeds: training's
+        result = evaluate(images_for, reward_fn, eval_prompts, unseen=unseen)  # draws are unchanged)
+        if training and cfg.implicit_check_prompts:
+            check = implicit_reward_check(pipe, reward_fn, eval_prompts[:cfg.implicit_check_prompts], cfg,
+                                          cfg.implicit_check_draws, autocast=autocast)
+            result["diagnostics"] = {k: v for k, v in check.items() if not isinstance(v, list)}
+            result["note"] = "implicit-reward ranking accuracy " + ", ".join(
+                f"vs {ref} {check[f'implicit_accuracy_{ref}']:.3f} +- {check[f'implicit_accuracy_se_{ref}']:.3f}"
+                for ref in ("pretrained", "old"))
+        return result
+    return types.SimpleNamespace(rank=rank, world_size=world_size, device=device, run=run, reward_fn=reward_fn,
+                                 pipe=pipe, prompts=prompts, prompt_cache=prompt_cache, held_out=held_out,
+                                 autocast=autocast)
 
 
 def main(cfg):

@@ -106,7 +106,9 @@ class RunDirectory:
                         "eval/pixel_std": result["pixel_std"], "eval/blank": result["blank"],
                         **{f"eval/{k}": v for k, v in {**result["unseen"], **result["per_image"]}.items()},
                         **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
-                           for k, v in values.items()}, "time/eval": time.time() - t0})
+                           for k, v in values.items()},
+                        **{f"eval/diag/{k}": v for k, v in result.get("diagnostics", {}).items()},
+                        "time/eval": time.time() - t0})
             self.say(f"iteration {iteration}: " + evaluation_line(result, self.cfg))
         barrier(self.world_size)
 
@@ -119,8 +121,10 @@ class RunDirectory:
         result = held_out()
         result["grid"].save(os.path.join(self.dir, "eval_grid.png"))
         with open(os.path.join(self.dir, "eval.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k not in ("rewards", "grid")} | {
-                "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps}, f)
+            json.dump({k: v for k, v in result.items() if k not in ("rewards", "unseen_rewards", "grid")} | {
+                "lora": lora, "guidance_scale": cfg.eval_guidance_scale, "num_steps": cfg.eval_num_steps,
+                "per_prompt": {"reward": result["rewards"].tolist()} | {  # in prompt order: for paired differences
+                    name: values.tolist() for name, values in result["unseen_rewards"].items()}}, f)
         for line in evaluation_only_lines(result, cfg, os.path.join(self.dir, "eval_grid.png")):
             self.say(line)
         return result
@@ -186,7 +190,8 @@ def iteration_line(log, cfg):
 def evaluation_line(result, cfg):
     """A held-out evaluation's scores (`evaluate`'s dict) in one line."""
     return (f"held-out {cfg.reward} reward {result['reward']:.4f} (exact {result['exact']:.3f}, {result['n']} "
-            f"prompts)" + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items()))
+            f"prompts)" + "".join(f", unseen {k} {v:.4f}" for k, v in result["unseen"].items())
+            + (f"; {result['note']}" if result.get("note") else ""))
 
 
 def evaluation_only_lines(result, cfg, grid_path):
@@ -254,7 +259,8 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
     them with `reward_fn` and returns dict(reward=mean in [0, 1], exact=fraction scoring 1.0, n=len(prompts),
     rewards=Tensor (N,), grid=captioned PIL grid of the first `grid_size` samples, two reward-hacking signs:
     pixel_std=mean over images of the grey-level std in [0, 1], blank=fraction of images with that std < 0.02),
-    unseen={name: mean reward} for the rewards of `unseen` ({name: reward fn}, scored on the same images),
+    unseen={name: mean reward} for the rewards of `unseen` ({name: reward fn}, scored on the same images) and
+    unseen_rewards={name: Tensor (N,)},
     per_image={key: mean} for per-image info of the reward (e.g. GenEval's binary geneval/correct), and, when the
     prompts carry a GenEval "tag", per_tag={tag: {"reward": mean, key: mean, ...}} and tag_mean={same keys: mean
     over the tags} (GenEval's overall score is the mean over its six tags of geneval/correct).
@@ -286,12 +292,14 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
             "per_image": {key: float(v.mean()) for key, v in values.items() if key != "reward"},
             "per_tag": per_tag, "tag_mean": {key: float(np.mean([t[key] for t in per_tag.values()]))
                                              for key in values} if per_tag else {},
-            "rewards": rewards, "grid": image_grid(images, captions[: len(images)])}
+            "rewards": rewards, "unseen_rewards": {name: torch.cat(parts) for name, parts in unseen_rewards.items()},
+            "grid": image_grid(images, captions[: len(images)])}
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "eval_start", "eval_rewards", "sample_every",
-                     "checkpoint_every", "device", "output_dir"}  # fields a resumed run may change; others refused
+                     "checkpoint_every", "device", "output_dir", "implicit_check_prompts",
+                     "implicit_check_draws"}  # fields a resumed run may change; others refused
 
 
 def save_checkpoint(path, cfg, params, optimizer, state):
@@ -348,7 +356,10 @@ def plot_rewards(metrics, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    accuracy_keys = sorted({k for m in metrics for k in m if k.startswith("eval/diag/") and "accuracy" in k
+                            and not k.endswith("_se")})  # a ranking diagnostic at each evaluation, if logged
+    fig, axes = plt.subplots(1, 2 if accuracy_keys else 1, figsize=(11 if accuracy_keys else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     train = [(m["iteration"], m["reward/mean"]) for m in metrics if "reward/mean" in m]
     held_out = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
     if train:
@@ -363,6 +374,17 @@ def plot_rewards(metrics, path):
     ax.set(xlabel="iteration", ylabel="reward", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend()
+    for key in accuracy_keys:  # with +-1 standard error (the key + "_se", where logged)
+        points = [(m["eval/iteration"], m[key], m.get(key.replace("accuracy", "accuracy_se"), 0)) for m in metrics
+                  if key in m]
+        iterations, values, errors = zip(*points)
+        axes[0, 1].errorbar(iterations, values, yerr=errors, marker="o", capsize=2, label=key[len("eval/diag/"):])
+    if accuracy_keys:
+        axes[0, 1].axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+        axes[0, 1].set(xlabel="iteration", ylabel="within-group pairwise accuracy",
+                       title="does theta's implicit reward rank samples as the reward?")
+        axes[0, 1].grid(alpha=0.3)
+        axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

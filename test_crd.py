@@ -234,6 +234,108 @@ def test_within_group_correlation_hand_values():
     assert math.isnan(crd.within_group_correlation(torch.ones(4), y[:4], 2))
 
 
+def test_ranking_agreement_hand_values():
+    # group 1: estimates (1, 2, 3) against rewards (1, 3, 2): pairs 2>1 and 3>1 agree, 3>2 does not -> 2/3, rho 0.5
+    # group 2: estimates (0, 0, 1) against (0, 1, 2): the tie counts 1/2 -> 2.5/3, rho = corr of ranks = 0.866
+    result = crd.ranking_agreement(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 1.0]),
+                                   torch.tensor([1.0, 3.0, 2.0, 0.0, 1.0, 2.0]), 3)
+    assert result["per_group_accuracy"] == pytest.approx([2 / 3, 2.5 / 3])
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["accuracy_se"] == pytest.approx(abs(2 / 3 - 2.5 / 3) / 2)  # std of two values / sqrt(2)
+    assert result["spearman"] == pytest.approx((0.5 + math.sqrt(3) / 2) / 2)
+    # a group whose rewards tie has no pair to order, and is left out
+    tied = crd.ranking_agreement(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)
+    assert tied["per_group_accuracy"][0] != tied["per_group_accuracy"][0] and tied["accuracy"] == 1.0
+
+
+MIXTURE_MEANS, MIXTURE_STD = torch.tensor([-2.0, 2.0]), 0.5
+
+
+def mixture_velocity(weights):
+    """The exact rectified-flow velocity E[eps - x0 | x_sigma] of the 1-D mixture sum_k w_k N(m_k, 0.5^2), as a
+    callable on (N, 1, 1, 1) tensors: the responsibilities of the noised components times each one's Gaussian
+    velocity."""
+    log_w, means, var0 = torch.tensor(weights).log(), MIXTURE_MEANS, MIXTURE_STD ** 2
+
+    def v(x_sigma, sigma):
+        s = sigma.view(-1, 1, 1, 1, 1)
+        var = (1 - s) ** 2 * var0 + s ** 2
+        centred = x_sigma[..., None] - (1 - s) * means
+        responsibility = torch.softmax(log_w - centred ** 2 / (2 * var), dim=-1)
+        return (responsibility * ((s - (1 - s) * var0) / var * centred - means)).sum(-1)
+    return v
+
+
+def test_implicit_reward_estimates_rank_samples_of_a_tilted_mixture_by_the_tilt():
+    """Known answer: theta is the reference mixture tilted by exp(r) with r = 2 log 2 [x > 0] (weights 1/2, 1/2 ->
+    1/5, 4/5), so log p_theta / p_ref is higher on every right-mode sample than on every left-mode one; against the
+    tilt's reward the estimates order every pair (accuracy 1), against its negative none, and theta = reference
+    gives estimates of exactly 0 (accuracy 0.5: chance)."""
+    generator = torch.Generator().manual_seed(0)
+    modes = torch.randint(0, 2, (256,), generator=generator) * 4.0 - 2.0
+    x0 = (modes + MIXTURE_STD * torch.randn(256, generator=generator)).view(-1, 1, 1, 1)
+    rewards = (x0.flatten() > 0).float()
+    sigmas = torch.linspace(0.95, 0.05, 10)
+    estimates = crd.implicit_reward_estimates(
+        mixture_velocity([0.2, 0.8]), {"ref": mixture_velocity([0.5, 0.5]), "self": mixture_velocity([0.2, 0.8])},
+        x0, sigmas, draws=8, generator=torch.Generator().manual_seed(1), group_size=8)
+    assert crd.ranking_agreement(estimates["ref"][0], rewards, 8)["accuracy"] == 1.0
+    assert crd.ranking_agreement(estimates["ref"][0], -rewards, 8)["accuracy"] == 0.0
+    assert estimates["self"][0].abs().max() == 0 and estimates["self"][1].abs().max() == 0
+    assert crd.ranking_agreement(estimates["self"][0], rewards, 8)["accuracy"] == 0.5
+    assert (estimates["ref"][1] > 0).all()  # a standard error over draws
+    with pytest.raises(ValueError, match="at least 2"):
+        crd.implicit_reward_estimates(mixture_velocity([0.5, 0.5]), {}, x0, sigmas, 1, generator, 8)
+
+
+@pytest.mark.parametrize("time_weighting", ["uniform", "sigma", "normalized-sigma"])
+def test_time_weighting_reaches_crd_pass(monkeypatch, time_weighting):
+    """crd_pass weights Eq. (7) by lambda: with one sigma per pass, the reward term is the uniform one times sigma
+    ('sigma') or times sigma / mean of the schedule ('normalized-sigma'); the KL term is unweighted."""
+    weight = torch.nn.Parameter(torch.tensor(1.5))
+    monkeypatch.setattr(crd, "velocity", lambda transformer, adapter, x_sigma, *args: x_sigma * (
+        weight if adapter == "theta" else 1.0))
+    x0, eps = randn(4, 1, 2, 2, seed=3), randn(4, 1, 2, 2, seed=4)
+    sigmas, sigma = torch.tensor([0.9, 0.5, 0.1]), torch.full((4,), 0.9)
+    micro = {"x0": x0, "prompt_embeds": torch.zeros(4, 1, 1), "pooled": torch.zeros(4, 1),
+             "negative_embeds": torch.zeros(1, 1, 1), "negative_pooled": torch.zeros(1, 1),
+             "rewards_normalized": torch.tensor([0.2, 0.8, 0.4, 0.6]), "rewards_kl": torch.rand(4), "sigmas": sigmas}
+
+    def losses(mode):
+        cfg = dataclasses.replace(crd.Config(), group_size=2, time_weighting=mode)
+        result = crd.crd_pass(None, micro, crd.interpolate(x0, eps, sigma), sigma, eps - x0, cfg,
+                              contextlib.nullcontext())
+        return result.loss_reward.item(), result.loss_kl.item()
+
+    (reward, kl), (uniform, uniform_kl) = losses(time_weighting), losses("uniform")
+    factor = {"uniform": 1.0, "sigma": 0.9, "normalized-sigma": 0.9 / 0.5}[time_weighting]
+    assert uniform > 0 and reward == pytest.approx(factor * uniform) and kl == pytest.approx(uniform_kl)
+
+
+def test_ema_caps_and_a_frozen_reference_in_move_snapshots():
+    cfg = crd.Config()  # the CPU default: both decays capped at 0.5
+    params = {name: [torch.full((2,), value)] for name, value in (("theta", 1.0), ("old", 0.0), ("sampler", 0.0))}
+    log = crd.move_snapshots(params, 10_000, cfg)
+    assert log["ema/eta_old"] == log["ema/eta_sampler"] == 0.5 and log["ema/lag_old"] == 1.0
+    assert params["old"][0].tolist() == [0.5, 0.5]
+    frozen = dataclasses.replace(cfg, old_decay_start=1.0, old_decay_max=1.0)
+    log = crd.move_snapshots(params, 10_000, frozen)
+    assert params["old"][0].tolist() == [0.5, 0.5] and log["ema/lag_old"] == math.inf
+    assert crd.move_snapshots(params, 0, crd.sd35m_ocr())["ema/eta_old"] == 0.25  # the recipe: uncapped at 0.999
+
+
+def test_reward_term_share_splits_a_hand_made_gradient():
+    """Total loss 3 w0 + (-4 w0 + 2 w1): g_R = (3, 0), g_KL = (-4, 2), cosine -12 / (3 sqrt(20))."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    loss_reward, loss_kl = 3 * w[0], -4 * w[0] + 2 * w[1]
+    share = crd.reward_term_share(loss_reward, [w], 1, torch.tensor([0.7]))
+    (loss_reward + loss_kl).backward()
+    log = share()
+    assert log["grad/reward_norm"] == pytest.approx(3.0) and log["grad/kl_norm"] == pytest.approx(math.sqrt(20))
+    assert log["grad/cos_reward_kl"] == pytest.approx(-12 / (3 * math.sqrt(20)))
+    assert log["grad/sigma"] == pytest.approx(0.7)
+
+
 @pytest.mark.parametrize("shared_timesteps,group_noise", [(True, True), (False, False)])
 def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch, shared_timesteps, group_noise):
     """With shared_timesteps every sample of a pass gets the same sigma; with group_noise the K samples of a prompt
@@ -457,6 +559,9 @@ def test_main_end_to_end_then_exact_resume(tmp_path):
     assert math.isnan(logged[0]["crd/corr_fresh"]) and math.isfinite(logged[1]["crd/corr_fresh"])
     assert "eval/reward" in logged[0] and "eval/reward" in logged[-1]
     assert logged[0]["eval/ink"] == pytest.approx(straight[0]["eval/ink"]) and 0 < logged[0]["eval/ink"] < 1
+    # the implicit-reward check: at iteration 0 theta = old = pretrained, so every estimate is 0 (chance)
+    assert logged[0]["eval/diag/implicit_accuracy_pretrained"] == logged[0]["eval/diag/implicit_accuracy_old"] == 0.5
+    assert 0 <= logged[-1]["eval/diag/implicit_accuracy_pretrained"] <= 1
     eta = logged[0]["ema/eta_old"]
     assert logged[0]["ema/lag_old"] == pytest.approx(eta / (1 - eta))
 

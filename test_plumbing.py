@@ -2,7 +2,9 @@
 resume, signals, held-out evaluation's seed contract, trackers, torchrun, and the one-way import rule."""
 import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -304,3 +306,28 @@ def test_every_relative_link_in_readme_and_docs_resolves_to_a_file_in_the_repo()
             assert path.startswith(ROOT) and os.path.exists(path), f"{os.path.relpath(page, ROOT)} links {target}"
             checked += 1
     assert checked >= 10
+
+
+def load_ablate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablate", os.path.join(os.path.dirname(plumbing.__file__), "bench",
+                                                                         "ablate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablate_report_aggregation_pairs_prompts_and_spreads_seeds():
+    """bench/ablate.py's report: a difference is taken prompt by prompt between the seed averages of two variants
+    (NaN prompts dropped), its standard error over prompts; a variant's spread is the sample std over seeds; the
+    per-iteration means leave NaNs out."""
+    ablate = load_ablate()
+    a = [[1.0, 2.0, 3.0, float("nan")], [3.0, 2.0, 1.0, 5.0]]  # seed averages 2, 2, 2, 5
+    b = [[1.0, 1.0, 0.0, 0.0]]
+    mean, se = ablate.paired(a, b)  # differences 1, 1, 2, 5 (the NaN of one seed leaves the other's value)
+    assert mean == pytest.approx(2.25) and se == pytest.approx(statistics.stdev([1, 1, 2, 5]) / 2)
+    assert ablate.mean_std([0.6, 0.7, 0.8]) == pytest.approx((0.7, 0.1))
+    metrics = [{"crd/corr_fresh": math.nan}, {"crd/corr_fresh": 0.2}, {"crd/corr_fresh": 0.4}, {}]
+    assert ablate.mean_over(metrics, "crd/corr_fresh") == pytest.approx(0.3)
+    assert ablate.mean_over(metrics, "crd/corr_fresh", 2) == pytest.approx(0.4)

@@ -106,6 +106,53 @@ def final_eval(run_dir, start=0):
                        ["--reward", "ocr", "--eval-start", str(start)])
 
 
+CHECK_PROMPTS = (256, 64)  # the implicit-reward check's prompts: held-out 257-320 (start, count), K = 8 samples each
+CHECK_DRAWS = 16  # (sigma, eps) draws per sample: the noise ratio (se / within-group spread) is ~0.3 at 16
+
+
+def implicit_check(run_dir, start=CHECK_PROMPTS[0], count=CHECK_PROMPTS[1], draws=CHECK_DRAWS):
+    """crd.implicit_reward_check of the run's final theta against the pretrained model and its final slow reference
+    (both from checkpoint.pt), on held-out prompts start+1 ... start+count with K rollouts each; cached in
+    <run>/implicit-START-COUNT-DRAWS.json. Returns the check's dict (with per_group_accuracy lists)."""
+    path = os.path.join(run_dir, f"implicit-{start}-{count}-{draws}.json")
+    if not os.path.isfile(path):
+        import dataclasses
+
+        import torch
+
+        sys.path.insert(0, ROOT)
+        import crd
+        import plumbing
+
+        checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+        known = {f.name for f in dataclasses.fields(crd.Config)}
+        cfg = crd.Config(**{k: v for k, v in checkpoint["config"].items() if k in known})
+        device = torch.device("cpu")
+        pipe = plumbing.load_frozen_pipeline(cfg, device)
+        params = crd.add_lora_adapters(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        with torch.no_grad():
+            for name in ("theta", "old"):
+                for p, t in zip(params[name], checkpoint["lora"][name]):
+                    p.copy_(t)
+        reward_fn, _ = plumbing.make_rewards(dataclasses.replace(cfg, eval_rewards=""), device)
+        prompts = plumbing.read_prompts(os.path.join(ROOT, "data", "tiny_ocr", "heldout.txt"))[start:start + count]
+        result = crd.implicit_reward_check(pipe, reward_fn, prompts, cfg, draws)
+        with open(path, "w") as f:
+            json.dump(result, f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def paired(a, b):
+    """Mean and standard error over prompts of a - b, where a and b are per-seed lists of per-prompt values on the
+    same prompts (each side first averaged over its seeds); NaN prompts (e.g. groups the check left out) dropped."""
+    import numpy as np
+
+    diff = np.nanmean(np.array(a, dtype=float), 0) - np.nanmean(np.array(b, dtype=float), 0)
+    diff = diff[~np.isnan(diff)]
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
 def write_runs(rows, iterations, out, name):
     """docs/NAME_runs.csv, one row per finished run; exits with a message when there is none."""
     if not rows:
@@ -127,6 +174,10 @@ def mean_over(metrics, key, first=None, last=None):
     return statistics.mean(values) if values else None
 
 
+FRESH_FROM = 38  # crd/corr_fresh is averaged from this iteration on: before it DiffusionNFT's reference (its
+# sampler) equals theta, so its r^ is 0 and its corr_fresh NaN; one range keeps the rows comparable
+
+
 def report(iterations, out, name):
     """The OCR grid's report. Each run evaluated theta on the validation prompts during training (--eval-on val: its
     curve and its last value); its final LoRA is scored here on held-out prompts 1-256 and 257-512 (`final_eval`,
@@ -140,7 +191,7 @@ def report(iterations, out, name):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, curves = [], {}
+    rows, curves, per_prompt = [], {}, {}
     for variant in VARIANTS:
         for seed in range(100):
             run_dir = os.path.join(out, f"{variant}-s{seed}")
@@ -150,13 +201,27 @@ def report(iterations, out, name):
             evals = [(m["eval/iteration"], m["eval/reward"]) for m in metrics if "eval/reward" in m]
             last = next(m for m in metrics if m.get("eval/iteration") == iterations)
             first_half, second_half = final_eval(run_dir), final_eval(run_dir, start=256)
+            check = implicit_check(run_dir)
+            per_prompt.setdefault(variant, []).append({
+                "heldout_1_256": first_half["per_prompt"]["reward"],
+                "heldout_1_256_ppocr": first_half["per_prompt"]["ppocr"],
+                "heldout_257_512": second_half["per_prompt"]["reward"],
+                "heldout_257_512_ppocr": second_half["per_prompt"]["ppocr"],
+                **{f"implicit_{ref}": check[f"implicit_per_group_accuracy_{ref}"] for ref in ("pretrained", "old")}})
             rows.append({"variant": variant, "seed": seed, "val": last["eval/reward"],
                          "val_ppocr": last.get("eval/ppocr"),
                          "heldout_1_256": first_half["reward"], "heldout_1_256_ppocr": first_half["unseen"]["ppocr"],
                          "heldout_257_512": second_half["reward"],
                          "heldout_257_512_ppocr": second_half["unseen"]["ppocr"], "exact_1_256": first_half["exact"],
                          "blank": first_half["blank"], "pixel_std": first_half["pixel_std"],
-                         "corr": mean_over(metrics, "crd/corr"), "corr_fresh": mean_over(metrics, "crd/corr_fresh"),
+                         "implicit_pretrained": check["implicit_accuracy_pretrained"],
+                         "implicit_pretrained_se": check["implicit_accuracy_se_pretrained"],
+                         "implicit_rho_pretrained": check["implicit_spearman_pretrained"],
+                         "implicit_old": check["implicit_accuracy_old"],
+                         "implicit_old_se": check["implicit_accuracy_se_old"],
+                         "implicit_noise": check["implicit_noise_pretrained"],
+                         "corr": mean_over(metrics, "crd/corr"),
+                         "corr_fresh": mean_over(metrics, "crd/corr_fresh", FRESH_FROM),
                          "explained": mean_over(metrics, "crd/explained"),
                          "rollout_rise": (mean_over(metrics, "reward/mean", -25)
                                           - mean_over(metrics, "reward/mean", 0, 25)),
@@ -196,12 +261,24 @@ def report(iterations, out, name):
     def cell(s, key):
         return f"{s[key + '_mean']:.3f} ± {s[key + '_std']:.3f}" if s.get(key + "_mean") != "" else ""
 
-    shown = ["val", "heldout_1_256", "heldout_1_256_ppocr", "heldout_257_512", "heldout_257_512_ppocr", "blank",
-             "corr", "corr_fresh", "explained", "rollout_rise"]
+    shown = ["heldout_257_512", "heldout_257_512_ppocr", "heldout_1_256", "heldout_1_256_ppocr", "val",
+             "rollout_rise", "implicit_pretrained", "implicit_old", "blank", "corr_fresh"]
+    print("Mean ± std over seeds; [SE over prompts of the seed-averaged score]\n")
     print("| variant | seeds | " + " | ".join(shown) + " | flags |")
     print("|---" * (len(shown) + 3) + "|")
     for s in summary:
-        print(f"| {s['variant']} | {s['seeds']} | " + " | ".join(cell(s, k) for k in shown) + f" | `{s['flags']}` |")
+        runs = per_prompt[s["variant"]]
+        se = {key: paired([r[key] for r in runs], [[0.0] * len(runs[0][key])])[1] for key in runs[0]}
+        cells = [cell(s, k) + (f" [{se[k]:.3f}]" if k in se else "") for k in shown]
+        print(f"| {s['variant']} | {s['seeds']} | " + " | ".join(cells) + f" | `{s['flags']}` |")
+    print("\nDifferences of seed-averaged scores, paired over prompts: mean [paired SE]; seeds of each side\n")
+    keys = list(next(iter(per_prompt.values()))[0])
+    print("| CRD minus | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for other in [v for v in per_prompt if v != "crd"] if "crd" in per_prompt else []:
+        diffs = [paired([r[k] for r in per_prompt["crd"]], [r[k] for r in per_prompt[other]]) for k in keys]
+        print(f"| {other} ({len(per_prompt['crd'])} vs {len(per_prompt[other])}) | "
+              + " | ".join(f"{m:+.3f} [{e:.3f}]" for m, e in diffs) + " |")
 
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
