@@ -146,9 +146,13 @@ def implicit_check(run_dir, start=CHECK_PROMPTS[0], count=CHECK_PROMPTS[1], draw
 def paired(a, b):
     """Mean and standard error over prompts of a - b, where a and b are per-seed lists of per-prompt values on the
     same prompts (each side first averaged over its seeds); NaN prompts (e.g. groups the check left out) dropped."""
+    import warnings
+
     import numpy as np
 
-    diff = np.nanmean(np.array(a, dtype=float), 0) - np.nanmean(np.array(b, dtype=float), 0)
+    with warnings.catch_warnings():  # a prompt NaN on every seed of a side: NaN, dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diff = np.nanmean(np.array(a, dtype=float), 0) - np.nanmean(np.array(b, dtype=float), 0)
     diff = diff[~np.isnan(diff)]
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 
