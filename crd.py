@@ -60,8 +60,8 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
-from plumbing import (InputError, RunDirectory, all_gather, average_gradients, check_inputs, cli, evaluate,
-                      evaluation_due, load_frozen_pipeline, make_rewards, pick_device,
+from plumbing import (InputError, RunDirectory, all_gather, average_gradients, check_inputs, check_lora_targets, cli,
+                      evaluate, evaluation_due, load_frozen_pipeline, make_rewards, pick_device,
                       setup_distributed)  # not part of CRD
 
 
@@ -196,6 +196,9 @@ class Config:
              f"split into {self.optimizer_steps_per_iteration} optimizer steps; change "
              f"--optimizer-steps-per-iteration or --train-timesteps"),
             (kept < 1, f"--timestep-range {self.timestep_range} keeps no step of the {self.num_steps}-step schedule"),
+            (self.seed > max_seed(self.iterations, world_size), f"--seed {self.seed} is too large: the generators of "
+             f"its iterations (see iteration_generators) need seeds below 2**63; use --seed <= "
+             f"{max_seed(self.iterations, world_size)}"),
             (self.timestep_draw == "random" and self.train_timesteps > kept, f"--train-timesteps "
              f"{self.train_timesteps} must be in [1, {kept}] (the kept schedule steps, drawn without replacement; "
              f"--timestep-draw stratified repeats them)")]
@@ -514,9 +517,12 @@ def add_lora_adapters(transformer, rank, alpha, targets):
 
     Returns {adapter name: list of its LoRA parameters}, the lists aligned element by element, so that
     `ema_update(params["old"], params["theta"], eta)` implements Eq. (8). Adapters off = the pretrained model.
+    Raises InputError if a name of `targets` matches no layer.
     """
     from peft import LoraConfig
 
+    check_lora_targets(targets, [n for n, m in transformer.named_modules() if next(m.parameters(False), None)
+                                 is not None])  # InputError for a name that matches no layer (peft skips it)
     transformer.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets.split(","))
     for name in ADAPTERS:
@@ -562,6 +568,11 @@ def training_sigmas(scheduler, num_steps, timestep_range, schedule="diffusers"):
 # ----------------------------------------------------------------------------------------------------------------
 SEED_STRIDE = 1_000_003  # iteration i of a run seeded s draws from seed s * SEED_STRIDE + i ...
 RANK_STRIDE = 1009       # ... and rank r's training noise from (s * SEED_STRIDE + i) * RANK_STRIDE + r
+
+
+def max_seed(iterations, world_size=1):
+    """The largest --seed whose `iteration_generators` seeds stay below 2**63 for every iteration and rank."""
+    return ((2**63 - 1 - (world_size - 1)) // RANK_STRIDE - (iterations - 1)) // SEED_STRIDE
 
 
 def iteration_generators(seed, iteration, rank):

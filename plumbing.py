@@ -535,9 +535,9 @@ def load_frozen_pipeline(cfg, device):
 
 
 # -- input checks: everything checked before loading a model -----------------------------------------------------
-RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 1)": lambda v: 0 <= v < 1,
-          "[0, 1]": lambda v: 0 <= v <= 1,
-          "(0, 1]": lambda v: 0 < v <= 1}  # the range annotations of crd.Config's fields
+RANGES = {"> 0": lambda v: math.isfinite(v) and v > 0, ">= 0": lambda v: math.isfinite(v) and v >= 0,
+          "[0, 1)": lambda v: 0 <= v < 1, "[0, 1]": lambda v: 0 <= v <= 1,
+          "(0, 1]": lambda v: 0 < v <= 1}  # the range annotations of crd.Config's fields; inf and nan fail each
 
 
 def check_config(cfg, world_size=1):
@@ -553,21 +553,30 @@ def check_config(cfg, world_size=1):
             raise InputError(f"{flag} {value!r}: choose one of {choices}")
         rule = getattr(hint, "__metadata__", (None,))[0]
         if rule is not None and not RANGES[rule](value):
-            raise InputError(f"{flag} {value} must be {'in ' + rule if rule[0] in '[(' else rule}")
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise InputError(f"{flag} {value} must be {finite}{'in ' + rule if rule[0] in '[(' else rule}")
     cfg.check(world_size)
+
+
+DEVICE_TYPES = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
+                "mps": lambda: torch.backends.mps.is_available()}  # the --device types CRD runs on, and their test
 
 
 def pick_device(name, local_rank=0, world_size=1):
     """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device. Under torchrun
-    on GPUs each process takes cuda:<local_rank>. Raises InputError for a name torch does not know, or a CUDA / MPS
-    device torch cannot find here (before any model loads)."""
+    on GPUs each process takes cuda:<local_rank>. Raises InputError for a name torch does not know, a device type
+    not in DEVICE_TYPES (meta, hpu, ...), or a device torch cannot find here (before any model loads)."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError as error:
             raise InputError(f"--device {name!r}: {error}; use auto, cpu, cuda or cuda:N") from None
-        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
-        if available is not None and not available():
+        if device.type not in DEVICE_TYPES:
+            raise InputError(f"--device {name}: CRD runs on cpu, cuda or mps devices ({device.type} "
+                             f"{'holds no data' if device.type == 'meta' else 'is not supported'}); use auto, cpu, "
+                             f"cuda or cuda:N")
+        available = DEVICE_TYPES[device.type]
+        if not available():
             raise InputError(f"--device {name}: torch finds no {device.type.upper()} device here (torch "
                              f"{torch.__version__}); use --device cpu, or auto to take the best one there is")
     elif torch.cuda.is_available():
@@ -617,6 +626,36 @@ def check_lora(folder):
     except Exception as error:  # safetensors raises its own error type for a bad header or a truncated file
         raise InputError(f"--lora: {path} is not a readable safetensors file ({str(error).splitlines()[0]}); "
                          f"copy it again, or retrain") from None
+
+
+def check_lora_targets(targets, layer_names):
+    """Raise InputError unless every comma-separated name of --lora-targets ends (at a '.') one of `layer_names`,
+    the transformer's modules that hold weights (peft's rule for target_modules); a name matching none is a typo."""
+    wanted = targets.split(",")
+    unmatched = [t for t in wanted if not t.strip() or not any(n == t or n.endswith("." + t) for n in layer_names)]
+    if unmatched:
+        raise InputError(f"--lora-targets {targets!r}: {', '.join(map(repr, unmatched))} matches no layer of the "
+                         f"transformer; pass comma-separated layer names such as attn.to_q,attn.to_k (the default "
+                         f"is every joint-attention projection)")
+
+
+def local_layer_names(model):
+    """The names of the transformer's modules that hold weights, read from a local pipeline's safetensors header
+    (no weights load); None for a hub id or another format."""
+    from safetensors import safe_open
+
+    folder = os.path.join(model, "transformer")
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    try:
+        if os.path.isfile(index):
+            with open(index) as f:
+                keys = json.load(f)["weight_map"]
+        else:
+            with safe_open(os.path.join(folder, "diffusion_pytorch_model.safetensors"), "pt") as f:
+                keys = list(f.keys())
+    except (OSError, KeyError, ValueError):
+        return None
+    return {key.rsplit(".", 1)[0] for key in keys}
 
 
 def image_multiple(model):
@@ -677,6 +716,9 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     if lora:
         check_lora(lora)
     check_image_size(cfg)
+    layer_names = local_layer_names(cfg.model) if training else None
+    if layer_names is not None:
+        check_lora_targets(cfg.lora_targets, layer_names)
     check_output_dir(os.path.join(cfg.output_dir, cfg.run_name))
     resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
     if training and resume and not os.path.isfile(resume):

@@ -22,6 +22,7 @@ geneval.py, imported only when one is asked for, so an OCR-only fork needs this 
 """
 import inspect
 import json
+import math
 import re
 
 import numpy as np
@@ -309,8 +310,8 @@ def parse_reward_spec(spec):
             value = float(weight) if weight else 1.0
         except ValueError:
             value = float("nan")
-        if not value > 0:
-            raise ValueError(f"reward {part!r}: the weight after ':' must be a number > 0")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"reward {part!r}: the weight after ':' must be a finite number > 0")
         if name in (n for n, _ in terms):
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         terms.append((name, value))

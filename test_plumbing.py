@@ -2,7 +2,9 @@
 resume, signals, held-out evaluation's seed contract, trackers, torchrun, and the one-way import rule."""
 import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -85,6 +87,29 @@ def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
         crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
 
 
+def test_non_finite_values_large_seeds_other_devices_and_unknown_lora_targets_fail_before_loading(tmp_path):
+    """inf and nan fail every range check, a seed whose generators would pass 2**63, a device CRD does not run on
+    and a --lora-targets name that matches no layer (peft would skip it, or fail after loading) are refused."""
+    base = tiny_config(tmp_path)
+    cases = [(dict(learning_rate=math.inf), "--learning-rate inf must be a finite number > 0"),
+             (dict(beta=math.nan), "--beta nan must be a finite number > 0"),
+             (dict(kl_beta=math.inf), "--kl-beta inf must be a finite number >= 0"),
+             (dict(reward="ink:inf"), "must be a finite number > 0"),
+             (dict(seed=20_000_000_000), "--seed 20000000000 is too large"),
+             (dict(lora_targets="attn.nonexistent"), "'attn.nonexistent' matches no layer"),
+             (dict(lora_targets="attn.to_q,attn.nope"), "'attn.nope' matches no layer"),
+             (dict(lora_targets=""), "'' matches no layer")]
+    for overrides, message in cases:
+        with pytest.raises(crd.InputError, match=re.escape(message)):
+            plumbing.check_inputs(dataclasses.replace(base, **overrides))
+    largest = crd.max_seed(base.iterations)
+    plumbing.check_config(dataclasses.replace(base, seed=largest))
+    crd.iteration_generators(largest, base.iterations - 1, 0)  # the largest seed allowed still seeds
+    for name, message in (("xpu", "xpu is not supported"), ("meta", "meta holds no data")):
+        with pytest.raises(crd.InputError, match=message):
+            plumbing.pick_device(name)
+
+
 def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
     """Each mistake a user can make on the command line exits 2 with a line naming it, before any model loads."""
     garbage = tmp_path / "garbage.pt"
@@ -115,6 +140,10 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
         (["--group-size", "1"], "--group-size 1: centring within a prompt needs K >= 2"),
         (["--centering", "global"], "--centering 'global': choose one of prompt, batch"),
         (["--reward-options", "ocr.nope=1"], "ocr takes"),
+        (["--seed", "20000000000"], "--seed 20000000000 is too large"),
+        (["--lora-targets", "attn.nonexistent"], "'attn.nonexistent' matches no layer"),
+        (["--device", "meta"], "meta holds no data"),
+        (["--learning-rate", "inf"], "--learning-rate inf must be a finite number > 0"),
     ]
     for args, message in cases:
         out = run_cli("--output-dir", str(tmp_path / "runs"), *args)
