@@ -587,7 +587,8 @@ def pick_device(name, local_rank=0, world_size=1):
 
 
 def read_prompts(path):
-    """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
+    """Read one prompt per non-empty line, UTF-8 with a leading byte-order mark dropped (utf-8-sig). Raises InputError
+    (missing, not UTF-8 or empty file) with the path."""
     if not path:
         raise InputError("no prompt file: pass --prompts FILE, one training prompt per line (the paper's OCR "
                          "training prompts are Flow-GRPO's dataset/ocr/train.txt, MIT, not shipped here; "
@@ -595,7 +596,7 @@ def read_prompts(path):
     if not os.path.isfile(path):
         raise InputError(f"prompt file {path!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM would otherwise start prompt 1
             prompts = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as error:
         raise InputError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
@@ -697,7 +698,8 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
 
     Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts. model_hint:
-    how to make --model if its folder is missing (see check_model).
+    how to make --model if its folder is missing (see check_model). Prints the prompts' warnings (ambiguous OCR
+    quotes) to stderr, one line each.
     """
     check_config(cfg, world_size)
     check_model(cfg.model, model_hint)
@@ -729,9 +731,13 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
         raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
     for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
                                       (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
+        said = set()
         for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
             try:
-                reward.check_prompts(spec, items, start)
+                for warning in reward.check_prompts(spec, items, start):
+                    if warning not in said:
+                        print(f"warning: {path}: {warning}", file=sys.stderr)
+                        said.add(warning)
             except ValueError as error:
                 raise InputError(f"{path}: {error}") from None
     if training and len(prompts) < cfg.prompts_per_iteration:

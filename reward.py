@@ -77,6 +77,16 @@ def ocr_target(prompt):
     return match.group(1)
 
 
+def ambiguous_quotes(prompt):
+    """A warning for an OCR prompt holding more than two double quotes (`ocr_target` reads the text between the first
+    two, e.g. 'say ' of '"say "hi" now"'), else None."""
+    count = prompt.count('"')
+    if count > 2:
+        return (f"{count} double quotes in {prompt!r}: the OCR target is the text between the first two, "
+                f"{ocr_target(prompt)!r}; quote only the text to render")
+    return None
+
+
 def normalize_text(text):
     """Remove all white space and lowercase, as the OCR reward of docs/method.md does to both strings."""
     return "".join(text.split()).lower()
@@ -293,6 +303,8 @@ def geneval_prompt_check(objects="GENEVAL_OBJECTS"):
 PROMPT_CHECKS = {"ocr": ocr_target, "ppocr": ocr_target, "pickscore": prompt_text, "clipscore": prompt_text,
                  "geneval": geneval_prompt_check(), "geneval_shapes": geneval_prompt_check("SHAPES"),
                  "geneval_shapes_poly": geneval_prompt_check("SHAPES")}
+# What may be meant otherwise than it is read: fn(prompt) returns a warning or None (check_prompts returns them).
+PROMPT_WARNINGS = {"ocr": ambiguous_quotes, "ppocr": ambiguous_quotes}
 
 
 def parse_reward_spec(spec):
@@ -323,14 +335,19 @@ def check_prompts(spec, prompts, start=1):
 
     prompts: list of prompt strings (plain text or a JSON metadata line), numbered from `start` in messages.
     Raises ValueError naming the prompt's number and what the reward needs (a quoted OCR target, GenEval metadata).
+    Returns the warnings of PROMPT_WARNINGS, each naming its prompt's number (e.g. ambiguous OCR quotes).
     """
+    warnings = []
     for name, _ in parse_reward_spec(spec):
-        check = PROMPT_CHECKS.get(name)
+        check, warn = PROMPT_CHECKS.get(name), PROMPT_WARNINGS.get(name)
         for i, prompt in enumerate(prompts if check else [], start):
             try:
                 check(prompt)
             except ValueError as error:
                 raise ValueError(f"prompt {i} cannot be scored by the {name} reward: {error}") from None
+            if warn and warn(prompt):
+                warnings.append(f"prompt {i}: {warn(prompt)}")
+    return warnings
 
 
 def parse_reward_options(text):

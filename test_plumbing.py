@@ -110,6 +110,19 @@ def test_non_finite_values_large_seeds_other_devices_and_unknown_lora_targets_fa
             plumbing.pick_device(name)
 
 
+def test_prompt_files_drop_a_byte_order_mark_and_ambiguous_quotes_warn_naming_the_prompt(tmp_path, capsys):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes('"ynbi"\n"abc"\n'.encode("utf-8-sig"))
+    assert plumbing.read_prompts(str(bom)) == ['"ynbi"', '"abc"']
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text('"abc"\n"say "hi" now"\n')
+    plumbing.check_inputs(tiny_config(tmp_path, reward="ocr", prompts=str(quotes), eval_prompts=str(quotes),
+                                      eval_rewards="ppocr", prompts_per_iteration=2))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"warning: {quotes}: prompt 2: 4 double quotes in '\"say \"hi\" now\"': the OCR target is the "
+                     f"text between the first two, 'say '; quote only the text to render"] * 2  # training, held-out
+
+
 def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
     """Each mistake a user can make on the command line exits 2 with a line naming it, before any model loads."""
     garbage = tmp_path / "garbage.pt"
