@@ -129,6 +129,7 @@ class Config:
     eval_rewards: str = "ppocr"  # comma-separated unseen metrics scored at each evaluation, never optimised; '' = none
     reward_options: str = ""  # reward factories' arguments, NAME.ARGUMENT=VALUE,... (e.g. geneval.detector=DIR)
     ocr_detection: bool = False  # OCR detects text boxes first (full size); off: reads the whole image as one line
+    ocr_quantize: bool = True  # EasyOCR int8-quantises its recogniser on a CPU (its default; never on CUDA); off: fp32
     # CRD loss
     objective: Literal["crd", "nft", "anchor"] = "crd"  # CRD, the DiffusionNFT baseline, or the reward-free control
     nft_beta: PositiveFloat = 1.0  # beta_NFT of Eq. (A1), used only with --objective nft

