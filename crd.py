@@ -97,6 +97,7 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), or a torch device string
     iterations: PositiveInt = 150  # number of CRD iterations (Alg. 1 outer loop)
     resume: str = ""  # checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)
+    overwrite: bool = False  # replace the run in runs/<run_name>/ (its checkpoint, metrics, LoRA, grids are deleted)
     # model
     model: str = TINY_MODEL  # diffusers StableDiffusion3Pipeline: local directory or hub id
     height: PositiveInt = 32  # image height in pixels
@@ -857,7 +858,7 @@ def start_job(cfg, training=True, lora=""):
     rank, world_size, local_rank = setup_distributed()
     prompts, eval_prompts = check_inputs(cfg, world_size, training, lora, MODEL_HINTS.get(cfg.model, ""))
     device = pick_device(cfg.device, local_rank, world_size)
-    run = RunDirectory(cfg, rank, world_size, device)
+    run = RunDirectory(cfg, rank, world_size, device, training)
     reward_fn, unseen = make_rewards(cfg, device, rank)
     pipe = load_frozen_pipeline(cfg, device)
     prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None
