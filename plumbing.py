@@ -22,6 +22,7 @@ import sys
 import time
 import typing
 import warnings
+import zipfile
 
 import numpy as np
 import safetensors.torch
@@ -426,10 +427,10 @@ def read_checkpoint(path, cfg):
     so a checkpoint carrying pickled code is refused, not run; memory-mapped), checked against `cfg` before any
     model loads. Raises InputError naming the file if it is corrupt, truncated or not a CRD checkpoint, naming the
     Config fields that changed the algorithm, or if it is already at or past --iterations."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # memory-mapped: the tensors are read only where they are used (torch.save's zip format only)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # truncated, foreign, or carrying objects other than tensors and plain data
-        detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        detail = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else ""
         raise InputError(f"--resume {path}: not a readable CRD checkpoint ({type(error).__name__}: {detail}); pass "
                          f"a checkpoint.pt written by crd.py") from None
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint) or not isinstance(

@@ -161,9 +161,6 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
         (["--reward-options", "ocr.nope=1"], "ocr takes"),
         (["--eval", "--lora", str(foreign)], "holds no transformer LoRA weights"),
         (["--seed", "20000000000"], "--seed 20000000000 is too large"),
-        (["--lora-targets", "attn.nonexistent"], "'attn.nonexistent' matches no layer"),
-        (["--device", "meta"], "meta holds no data"),
-        (["--learning-rate", "inf"], "--learning-rate inf must be a finite number > 0"),
     ]
     for args, message in cases:
         out = run_cli("--output-dir", str(tmp_path / "runs"), *args)
