@@ -202,7 +202,8 @@ class Config:
              f"split into {self.optimizer_steps_per_iteration} optimizer steps; change "
              f"--optimizer-steps-per-iteration or --train-timesteps"),
             (self.implicit_check_prompts and self.implicit_check_draws < 2, f"--implicit-check-draws "
-             f"{self.implicit_check_draws}: the check's standard error needs >= 2 draws (or --implicit-check-prompts 0)"),
+             f"{self.implicit_check_draws}: the check's standard error needs >= 2 draws (or "
+             f"--implicit-check-prompts 0)"),
             (kept < 1, f"--timestep-range {self.timestep_range} keeps no step of the {self.num_steps}-step schedule"),
             (self.seed > max_seed(self.iterations, world_size), f"--seed {self.seed} is too large: the generators of "
              f"its iterations (see iteration_generators) need seeds below 2**63; use --seed <= "
