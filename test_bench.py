@@ -10,8 +10,8 @@ from conftest import tiny_config
 
 
 def test_phases_charge_each_interval_to_the_innermost_open_phase_only():
-    ticks = iter(range(100))
-    phases = profile.Phases(clock=lambda: float(next(ticks)))  # each clock reading is one second later
+    ticks, cpu_ticks = iter(range(100)), iter(range(0, 200, 2))
+    phases = profile.Phases(clock=lambda: float(next(ticks)), cpu_clock=lambda: float(next(cpu_ticks)))  # 1 s a tick
     phases.switch("timed")                 # t=1 (setup: 0 -> 1)
     phases.enter("train")                  # t=2: loop 1 s
     phases.enter("θ forward")              # t=3: train's own 1 s
@@ -22,6 +22,7 @@ def test_phases_charge_each_interval_to_the_innermost_open_phase_only():
     assert dict(phases.seconds["timed"]) == {(profile.LOOP, None): 1, ("train", None): 3, ("train", "θ forward"): 1,
                                              ("train", "θ backward"): 1}
     assert phases.seconds["setup"][(profile.LOOP, None)] == 1 and phases.events["timed"]["train"] == 1
+    assert phases.cpu["timed"][("train", None)] == 6  # two CPU seconds per wall second: two cores busy
     wrapped = phases.wrap(lambda adapter: adapter * 2, lambda adapter: f"forward {adapter}")
     assert wrapped(3) == 6 and phases.events["timed"]["forward 3"] == 1
 
@@ -31,7 +32,7 @@ def test_table_rows_spread_evaluations_over_iterations_and_compare_with_the_matm
                ("EMA snapshots (Eq. 8)", None): 1.0}
     flops = {("train", "θ forward"): 30e9, ("evaluation", "VAE decode"): 150e9}
     rows = profile.table_rows(seconds, flops, iterations=2, evaluations=1, matmul_gflops=50.0,
-                              evaluations_per_iteration=0.1)
+                              evaluations_per_iteration=0.1, cpu={("train", "θ forward"): 9.0})
     by = {r.phase: r for r in rows}
     assert [r.phase for r in rows] == ["train: θ forward", "train: rest", "EMA snapshots (Eq. 8)",
                                        "evaluation: VAE decode"]
@@ -42,7 +43,9 @@ def test_table_rows_spread_evaluations_over_iterations_and_compare_with_the_matm
     assert by["train: rest"].gflops is None and math.isclose(sum(r.share for r in rows), 1.0)
     assert by["train: θ forward"].share == pytest.approx(3.0 / 7.5)
     table = profile.markdown(rows, 50.0)
-    assert "| train: θ forward | 3.000 | 40.0% | 30.00 | 10.0 | 20.0% |" in table and "| **total** | **7.500**" in table
+    assert by["train: θ forward"].busy == 1.5 and by["train: rest"].busy is None
+    assert "| train: θ forward | 3.000 | 40.0% | 30.00 | 10.0 | 20.0% | 1.50 |" in table
+    assert "| **total** | **7.500** |" in table and table.count("| – | – |") == 2
     with pytest.raises(ValueError, match="0 evaluations"):
         profile.table_rows(seconds, flops, 2, 0, 50.0, 0.1)
     assert profile.evaluations_per_iteration(crd.tiny_ocr()) == 7 / 150  # iterations 0, 25, ..., 125 and after 150
@@ -67,8 +70,9 @@ def test_flop_counter_counts_the_cpu_attention_kernel_and_int8_dynamic_layers():
 def test_profile_times_and_counts_every_phase_of_a_short_run(tmp_path):
     """One counted and one timed iteration of a tiny run through the real crd.main, with its wrappers removed after."""
     rollout = crd.rollout
-    phases, metrics = profile.run_job(tiny_config(tmp_path, micro_batch_size=4, train_timesteps=2), 1)
-    assert crd.rollout is rollout and len(metrics) == 2
+    phases, metrics = profile.run_job(tiny_config(tmp_path, micro_batch_size=4, train_timesteps=2), 1,
+                                      counted_prompts=2)
+    assert crd.rollout is rollout and len(metrics) == 2 and phases.eval_scale == 2  # 2 of eval_count 4 counted
     timed, counted = phases.seconds["timed"], phases.flops["counted"]
     for key in [("rollout", "transformer forwards (Euler steps)"), ("rollout", "VAE decode"), ("train", "θ forward"),
                 ("train", "θ backward"), ("train", "old forward"), ("train", "pretrained forward (cond + uncond)"),

@@ -1,20 +1,23 @@
 """Where the default job's time goes, phase by phase, against the machine's own fp32 matmul rate.
 
-    python bench/profile.py                      # the default job (`python crd.py --reward ocr`), 4 timed iterations
-    python bench/profile.py --threads 1 --iterations 1 --eval-count 32     # a quick look (~40 s)
+    python bench/profile.py                      # the default job (`python crd.py --reward ocr`), 3 timed iterations
+    python bench/profile.py --threads 1 --iterations 1 --eval-count 64     # a quick look
 
 Runs `crd.main` on the default job (the tiny_ocr preset: the embedded tiny SD3 model, 64 images per iteration, the
 EasyOCR reward, held-out evaluations scored by EasyOCR and PP-OCR) for 1 + --iterations iterations, with crd's
-functions wrapped from the outside (crd.py is not changed, its metrics are not either). Iteration 0 and the
-evaluation before it run under torch's FlopCounterMode, which counts each phase's FLOPs (matmuls, convolutions,
+functions wrapped from the outside (neither crd.py nor the run's training changes). Iteration 0 and the
+evaluation before it (on its first batch of 64 prompts, the FLOPs scaled to the whole evaluation) run under torch's
+FlopCounterMode, which counts each phase's FLOPs (matmuls, convolutions,
 attention, EasyOCR's int8 LSTM and linear layers; PP-OCR runs in ONNX Runtime, out of its sight); the iterations
 after it, and the evaluation after the last one, are timed without the counter. Each phase's time is exclusive: the
 transformer forwards inside a loss are the forwards' rows, not the loss's.
 
 Prints a Markdown table: per phase, seconds per iteration (an evaluation's seconds are spread over the default
-job's 150 iterations as its 7 evaluations are), share, GFLOP per iteration, achieved GFLOP/s and the fraction of the
+job's 150 iterations as its 7 evaluations are), share, GFLOP per iteration, achieved GFLOP/s, its fraction of the
 fp32 matmul rate measured in the same run (torch.matmul of 2048 x 2048 matrices at the same thread count, best of
-several, before and after the job); and the matmul rate at the tiny transformer's own shapes.
+several, before and after the job), and the CPU seconds the process used per wall second (2.00: two cores busy
+throughout; less: a serial phase, or other processes on the machine); and the matmul rate at the tiny
+transformer's own shapes and the load average (other processes) before and after.
 """
 import argparse
 import collections
@@ -54,26 +57,29 @@ class Phases:
     Time goes to the innermost open phase only; its key is (the outermost open phase's name, the innermost's name),
     (name, None) when only one is open, (LOOP, None) when none. FLOPs are read from `counter` (a FlopCounterMode,
     or None: not counted) at every boundary. `epoch` names the bucket the figures go into, so one run can hold a
-    counted warm-up and timed iterations apart: seconds[epoch][key] (float, s), flops[epoch][key] (int), and
-    events[epoch][name] counts how often phase `name` was entered. `clock` returns seconds (time.perf_counter).
+    counted warm-up and timed iterations apart: seconds[epoch][key] (wall, s), cpu[epoch][key] (the process's CPU
+    time, s, all threads), flops[epoch][key] (int), and events[epoch][name] counts how often phase `name` was
+    entered. `clock` and `cpu_clock` return seconds (time.perf_counter, time.process_time).
     """
 
-    def __init__(self, clock=time.perf_counter):
-        self.clock, self.stack, self.counter, self.epoch = clock, [], None, "setup"
+    def __init__(self, clock=time.perf_counter, cpu_clock=time.process_time):
+        self.clock, self.cpu_clock, self.stack, self.counter, self.epoch = clock, cpu_clock, [], None, "setup"
         self.seconds = collections.defaultdict(lambda: collections.defaultdict(float))
+        self.cpu = collections.defaultdict(lambda: collections.defaultdict(float))
         self.flops = collections.defaultdict(lambda: collections.defaultdict(int))
         self.events = collections.defaultdict(collections.Counter)
-        self.mark_time, self.mark_flops = clock(), 0
+        self.mark_time, self.mark_cpu, self.mark_flops = clock(), cpu_clock(), 0
 
     def _total_flops(self):
         return self.counter.get_total_flops() if self.counter is not None else 0
 
     def _charge(self):
-        now, flops = self.clock(), self._total_flops()
+        now, cpu, flops = self.clock(), self.cpu_clock(), self._total_flops()
         key = ((self.stack[0], self.stack[-1] if len(self.stack) > 1 else None) if self.stack else (LOOP, None))
         self.seconds[self.epoch][key] += now - self.mark_time
+        self.cpu[self.epoch][key] += cpu - self.mark_cpu
         self.flops[self.epoch][key] += max(flops - self.mark_flops, 0)
-        self.mark_time, self.mark_flops = now, flops
+        self.mark_time, self.mark_cpu, self.mark_flops = now, cpu, flops
 
     def enter(self, name):
         """Open phase `name` inside the phases already open."""
@@ -228,11 +234,15 @@ def instrumented(phases, on_iteration):
                 hook.remove()
 
 
-def run_job(cfg, iterations):
-    """crd.main(cfg) for 1 + `iterations` iterations under `instrumented`: iteration 0 (with the evaluation before
-    it) counted by FlopCounterMode in epoch "counted", the rest timed in epoch "timed". Returns (the Phases,
-    crd.main's metrics)."""
+def run_job(cfg, iterations, counted_prompts=64):
+    """crd.main(cfg) for 1 + `iterations` iterations under `instrumented`: iteration 0 and the evaluation before it
+    counted by FlopCounterMode in epoch "counted" (that evaluation on the first `counted_prompts` held-out prompts
+    only, one batch of `evaluate`; phases.eval_scale = cfg.eval_count / the prompts it scored scales its FLOPs to a
+    whole evaluation), the other iterations and the evaluation after the last timed in epoch "timed". Returns
+    (the Phases, crd.main's metrics)."""
     phases, counter = Phases(), flop_counter_mode()
+    phases.eval_scale = 1.0
+    original_evaluate = crd.evaluate
 
     def on_iteration(iteration):
         if iteration == 0:
@@ -244,17 +254,23 @@ def run_job(cfg, iterations):
         elif iteration is None:
             phases.switch("finish")
 
+    def evaluate(generate, reward_fn, prompts, *args, **kwargs):  # the held-out evaluation, as start_job binds it
+        if phases.epoch == "counted":  # the FLOPs of one batch, scaled: every batch of 64 costs the same
+            phases.eval_scale = len(prompts) / len(prompts[:counted_prompts])
+            prompts = prompts[:counted_prompts]
+        return original_evaluate(generate, reward_fn, prompts, *args, **kwargs)
+
     cfg = dataclasses.replace(cfg, iterations=iterations + 1)
-    with instrumented(phases, on_iteration):
+    with instrumented(phases, on_iteration), mock.patch.object(crd, "evaluate", evaluate):
         metrics = crd.main(cfg)
     return phases, metrics
 
 
 # -- the table ---------------------------------------------------------------------------------------------------
-Row = collections.namedtuple("Row", "phase seconds share gflop gflops fraction")
+Row = collections.namedtuple("Row", "phase seconds share gflop gflops fraction busy")
 
 
-def table_rows(seconds, flops, iterations, evaluations, matmul_gflops, evaluations_per_iteration):
+def table_rows(seconds, flops, iterations, evaluations, matmul_gflops, evaluations_per_iteration, cpu=None):
     """Aggregate one run's phases into rows: in ORDER of their top-level phase, then by time.
 
     seconds: {(top, leaf): s} summed over `iterations` timed iterations and `evaluations` timed evaluations (the
@@ -263,7 +279,9 @@ def table_rows(seconds, flops, iterations, evaluations, matmul_gflops, evaluatio
     iteration (7 / 150). Each Row: phase ("top: leaf", "top: rest" for a nesting phase's own time, "top" for one
     without nested phases), seconds per iteration (an evaluation's times evaluations_per_iteration), share of the
     rows' total, GFLOP per iteration (scaled alike), achieved GFLOP/s and its fraction of matmul_gflops (both None
-    without FLOPs or time). Raises ValueError if phases were timed over 0 iterations or 0 evaluations."""
+    without FLOPs or time), and busy: the CPU seconds per wall second of the phase, from cpu ({(top, leaf): CPU s}
+    over the same iterations; None if not given; 2.0 = two cores busy throughout). Raises ValueError if phases were
+    timed over 0 iterations or 0 evaluations."""
     rows, keys = [], set(seconds) | set(flops)
     nested = {top for top, leaf in keys if leaf is not None}
     for top, leaf in keys:
@@ -273,8 +291,10 @@ def table_rows(seconds, flops, iterations, evaluations, matmul_gflops, evaluatio
         s = seconds.get((top, leaf), 0.0) * (evaluations_per_iteration / evaluations if is_eval else 1 / iterations)
         gflop = flops.get((top, leaf), 0) / 1e9 * (evaluations_per_iteration if is_eval else 1)
         gflops = gflop / s if gflop and s > 0 else None
+        wall = seconds.get((top, leaf), 0.0)
+        busy = cpu[(top, leaf)] / wall if cpu is not None and (top, leaf) in cpu and wall > 0 else None
         rows.append(Row(f"{top}: {leaf or 'rest'}" if top in nested else top, s, 0.0, gflop, gflops,
-                        gflops / matmul_gflops if gflops else None))
+                        gflops / matmul_gflops if gflops else None, busy))
     total = sum(r.seconds for r in rows) or 1.0
     rank = {top: i for i, top in enumerate(ORDER)}
     return sorted((r._replace(share=r.seconds / total) for r in rows),
@@ -283,14 +303,17 @@ def table_rows(seconds, flops, iterations, evaluations, matmul_gflops, evaluatio
 
 def markdown(rows, matmul_gflops):
     """The rows as a Markdown table, with a total line."""
-    lines = ["| phase | s / iteration | share | GFLOP / iteration | GFLOP/s | of the matmul rate |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| phase | s / iteration | share | GFLOP / iteration | GFLOP/s | of the matmul rate | CPU s / s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.phase} | {r.seconds:.3f} | {r.share:.1%} | {r.gflop:.2f} | "
-                     + (f"{r.gflops:.1f} | {r.fraction:.1%} |" if r.gflops else "– | – |"))
+                     + (f"{r.gflops:.1f} | {r.fraction:.1%} | " if r.gflops else "– | – | ")
+                     + (f"{r.busy:.2f} |" if r.busy is not None else "– |"))
     seconds, gflop = sum(r.seconds for r in rows), sum(r.gflop for r in rows)
+    busy = [r for r in rows if r.busy is not None]
+    mean_busy = sum(r.busy * r.seconds for r in busy) / max(sum(r.seconds for r in busy), 1e-12) if busy else None
     lines.append(f"| **total** | **{seconds:.3f}** | 100 % | {gflop:.2f} | {gflop / seconds:.1f} | "
-                 f"{gflop / seconds / matmul_gflops:.1%} |")
+                 f"{gflop / seconds / matmul_gflops:.1%} | " + (f"{mean_busy:.2f} |" if busy else "– |"))
     return "\n".join(lines)
 
 
@@ -302,7 +325,7 @@ def evaluations_per_iteration(cfg):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iterations", type=int, default=4, help="timed iterations, after the counted iteration 0")
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations, after the counted iteration 0")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: torch's, the default job's: the cores, or OMP_NUM_THREADS)")
     parser.add_argument("--eval-count", type=int, default=crd.Config.eval_count,
@@ -314,7 +337,7 @@ def main(argv=None):
     plumbing.quiet_known_warnings()
     default = crd.tiny_ocr()
     rows_width = model_shape(default)
-    t0 = time.time()
+    t0, load_before = time.time(), os.getloadavg()[0]
     rate_before = matmul_rate()
     small_rate = matmul_rate(rows_width[0], rows_width[1], rows_width[1])
     with tempfile.TemporaryDirectory(prefix="crd-profile-") as scratch:
@@ -324,10 +347,11 @@ def main(argv=None):
     rate_after = matmul_rate()
     rate = max(rate_before, rate_after)
     scale = crd.Config.eval_count / args.eval_count  # an evaluation of eval_count prompts, scaled to the job's 256
-    seconds = {k: v * (scale if k[0] == "evaluation" else 1) for k, v in phases.seconds["timed"].items()}
-    flops = {k: v * (scale if k[0] == "evaluation" else 1) for k, v in phases.flops["counted"].items()}
+    seconds, cpu, flops = ({k: v * (factor if k[0] == "evaluation" else 1) for k, v in values.items()}
+                           for values, factor in ((phases.seconds["timed"], scale), (phases.cpu["timed"], scale),
+                                                  (phases.flops["counted"], scale * phases.eval_scale)))
     rows = table_rows(seconds, flops, args.iterations, phases.events["timed"]["evaluation"], rate,
-                      evaluations_per_iteration(default))
+                      evaluations_per_iteration(default), cpu)
     setup = sum(phases.seconds["setup"].values())
     print(f"\nbench/profile.py --iterations {args.iterations} --eval-count {args.eval_count}: the default job at "
           f"{args.threads} torch thread(s); {args.iterations} timed iteration(s) after a counted one; an "
@@ -337,7 +361,8 @@ def main(argv=None):
     print(f"fp32 matmul rate, 2048 x 2048 x 2048: {rate_before:.1f} GFLOP/s before the job, {rate_after:.1f} after "
           f"(the table uses {rate:.1f}); at the transformer's shape {rows_width[0]} x {rows_width[1]} x "
           f"{rows_width[1]}: {small_rate:.1f} GFLOP/s")
-    print(f"setup (pipeline, OCR engines, first lines) {setup:.1f} s; whole profile {time.time() - t0:.0f} s\n")
+    print(f"setup (pipeline, OCR engines, first lines) {setup:.1f} s; whole profile {time.time() - t0:.0f} s; "
+          f"1-minute load average {load_before:.2f} before it (other processes), {os.getloadavg()[0]:.2f} after\n")
     print(markdown(rows, rate))
     return rows
 
