@@ -1,11 +1,11 @@
-"""Tests of the benchmarks in bench/: the profile's phase accounting and table (bench/profile.py)."""
+"""Tests of the benchmarks in bench/: the profile's phase accounting and table (bench/profile_phases.py)."""
 import math
 
 import pytest
 import torch
 
 import crd
-from bench import profile
+from bench import profile_phases as profile
 from conftest import tiny_config
 
 

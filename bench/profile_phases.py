@@ -1,7 +1,7 @@
 """Where the default job's time goes, phase by phase, against the machine's own fp32 matmul rate.
 
-    python bench/profile.py                      # the default job (`python crd.py --reward ocr`), 3 timed iterations
-    python bench/profile.py --threads 1 --iterations 1 --eval-count 64     # a quick look
+    python bench/profile_phases.py           # the default job (`python crd.py --reward ocr`), 3 timed iterations
+    python bench/profile_phases.py --threads 1 --iterations 1 --eval-count 64       # a quick look
 
 Runs `crd.main` on the default job (the tiny_ocr preset: the embedded tiny SD3 model, 64 images per iteration, the
 EasyOCR reward, held-out evaluations scored by EasyOCR and PP-OCR) for 1 + --iterations iterations, with crd's
@@ -31,12 +31,8 @@ import tempfile
 import time
 from unittest import mock
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if sys.path and os.path.abspath(sys.path[0] or ".") == HERE:
-    sys.path[0] = ROOT  # `python bench/profile.py`: this file must not shadow the standard library's `profile`
-elif ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 from torch.optim import optimizer as optimizer_hooks  # noqa: E402
@@ -353,7 +349,7 @@ def main(argv=None):
     rows = table_rows(seconds, flops, args.iterations, phases.events["timed"]["evaluation"], rate,
                       evaluations_per_iteration(default), cpu)
     setup = sum(phases.seconds["setup"].values())
-    print(f"\nbench/profile.py --iterations {args.iterations} --eval-count {args.eval_count}: the default job at "
+    print(f"\nbench/profile_phases.py --iterations {args.iterations} --eval-count {args.eval_count}: the default job at "
           f"{args.threads} torch thread(s); {args.iterations} timed iteration(s) after a counted one; an "
           f"evaluation ({args.eval_count} prompts{f', scaled to {crd.Config.eval_count}' if scale != 1 else ''}) "
           f"spread over iterations as {evaluations_per_iteration(default) * default.iterations:.0f} in "
