@@ -349,8 +349,8 @@ def main(argv=None):
     rows = table_rows(seconds, flops, args.iterations, phases.events["timed"]["evaluation"], rate,
                       evaluations_per_iteration(default), cpu)
     setup = sum(phases.seconds["setup"].values())
-    print(f"\nbench/profile_phases.py --iterations {args.iterations} --eval-count {args.eval_count}: the default job at "
-          f"{args.threads} torch thread(s); {args.iterations} timed iteration(s) after a counted one; an "
+    print(f"\nbench/profile_phases.py --iterations {args.iterations} --eval-count {args.eval_count}: the default job "
+          f"at {args.threads} torch thread(s); {args.iterations} timed iteration(s) after a counted one; an "
           f"evaluation ({args.eval_count} prompts{f', scaled to {crd.Config.eval_count}' if scale != 1 else ''}) "
           f"spread over iterations as {evaluations_per_iteration(default) * default.iterations:.0f} in "
           f"{default.iterations}")
