@@ -26,7 +26,7 @@ tiny_metrics.jsonl (every (b) run's metrics.jsonl lines, with its name); the run
 The image is expected to have PyTorch, torchvision, transformers, peft, accelerate, opencv, scikit-image, scipy,
 tensorboard and matplotlib (Python 3.12); it lacks diffusers, EasyOCR (and its python-bidi), Levenshtein (and its
 rapidfuzz), which travel as wheels, each repacked uncompressed and xz-compressed whole (9.7 MiB of wheels travel
-as 3.9). The OCR reward reads without text detection at tiny scale, so only EasyOCR's recogniser weights travel;
+as 4.0). The OCR reward reads without text detection at tiny scale, so only EasyOCR's recogniser weights travel;
 the unseen PP-OCR metric is left out (--eval-rewards '').
 """
 import argparse
