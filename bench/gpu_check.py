@@ -385,6 +385,8 @@ def tiny_comparison(commands, out, runs_dir, iterations, budget, device, env, sa
 
 
 def main(argv=None):
+    """--prepare / --check-size, or the check itself: versions, the install (--wheels), (a), (b) (module docstring).
+    Returns None; raises SystemExit for a failed install or a carried total over its limit."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prepare", metavar="FOLDER", help="download what the GPU image lacks into FOLDER, then stop")
     parser.add_argument("--python", default="3.12", help="--prepare: the GPU image's Python version")

@@ -96,6 +96,7 @@ class Phases:
 
     @contextlib.contextmanager
     def phase(self, name):
+        """The with-block as phase `name` (enter, then exit even on an exception)."""
         self.enter(name)
         try:
             yield
@@ -320,6 +321,8 @@ def evaluations_per_iteration(cfg):
 
 
 def main(argv=None):
+    """Measure the matmul rate, profile the default job (see the module docstring), print the table; returns its
+    rows (Row tuples)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations, after the counted iteration 0")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
