@@ -10,8 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -717,16 +715,3 @@ def test_full_size_bench_runs_the_sd35m_code_path_at_tiny_scale(capsys):
     out = capsys.readouterr().out
     assert "seconds per iteration" in out and "images/s" in out and "1,018 OCR test prompts" in out
     assert "the preset's iteration (1152 images, 960 passes)" in out  # per-image and per-pass times, scaled
-
-
-def test_gpu_check_runs_its_two_parts_at_tiny_scale_on_a_cpu(tmp_path):
-    """bench/gpu_check.py --scale tiny: (a) the full-size bench at toy size, (b) CRD, the reward-free control and
-    DiffusionNFT on the tiny OCR task as concurrent processes, with their table. (--prepare needs PyPI: not here.)"""
-    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--scale", "tiny", "--out", str(tmp_path)],
-                         cwd=os.path.dirname(crd.__file__), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    table = (tmp_path / "tiny_ocr.md").read_text()
-    for variant in ("crd", "anchor-only", "nft"):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {variant} |"))
-        assert "| 1/1 |" in row and "stopped" not in row, table
-    assert "the preset's iteration" in out.stdout
