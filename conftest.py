@@ -29,7 +29,7 @@ def randn(*shape, seed=0):
 def tiny_config(tmp_path, **overrides):
     values = dict(run_name="test", output_dir=str(tmp_path), reward="ink", iterations=2, prompts_per_iteration=2,
                   group_size=2, micro_batch_size=2, train_timesteps=1, num_steps=3, eval_num_steps=3, eval_count=4,
-                  eval_every=0, sample_every=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, learning_rate=1e-2,
+                  eval_every=0, sample_every=1, lora_rank=4, lora_alpha=8, learning_rate=1e-2,
                   eval_rewards="")
     values.update(overrides)
     return dataclasses.replace(crd.Config(), **values)

@@ -593,14 +593,14 @@ def check_lengths(images, prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
 
 
-def geneval_reward(device="cpu", detect_text=True, detector="facebook/mask2former-swin-small-coco-instance",
+def geneval_reward(device="cpu", detector="facebook/mask2former-swin-small-coco-instance",
                    clip="openai/clip-vit-large-patch14", position_bug=False):
     """Factory for the GenEval reward: Mask2Former detections + CLIP colours, scored by `geneval_check`.
 
     detector: hub id or local folder of a COCO-instance `Mask2FormerForUniversalSegmentation` with its image
     processor (AutoImageProcessor; its own resize settings, not mmdet's 1333x800 test resize); clip: the same for
     a `CLIPModel` + `CLIPProcessor` (the colour classifier, `clip_colour_classifier`). Both run on `device` in
-    eval mode, without gradients. detect_text is ignored. position_bug: see `geneval_check`.
+    eval mode, without gradients. position_bug: see `geneval_check`.
 
     The returned fn takes N PIL images and N prompts, each a GenEval metadata dict ("prompt", "tag", "include",
     optional "exclude") or its JSON string, and returns (rewards, info): rewards float32 (N,) in [0, 1], the
@@ -738,11 +738,11 @@ def shape_colour(image, detection):
     return list(SHAPE_PALETTE)[int(np.argmin(deltaE_cie76(palette, median[None])))]
 
 
-def geneval_shapes_reward(device="cpu", detect_text=True, position_bug=False):
+def geneval_shapes_reward(device="cpu", position_bug=False):
     """Factory for GenEval on the shapes world: `shape_detections` + `shape_colour`, scored by `geneval_check`.
 
     Prompts: GenEval metadata whose classes are SHAPES (data/tiny_geneval/*.jsonl). Returns the fn of
-    `geneval_scorer` (rewards in [0, 1], info geneval/correct and geneval/strict). device, detect_text: ignored
+    `geneval_scorer` (rewards in [0, 1], info geneval/correct and geneval/strict). device: ignored
     (no model). position_bug: see `geneval_check`.
     """
     return geneval_scorer(lambda images: [shape_detections(image) for image in images], shape_colour, SHAPES,
@@ -824,9 +824,9 @@ def polygon_colour(image, detection):
     return min(POLYGON_HUES, key=lambda name: min(abs(hue - POLYGON_HUES[name]), 1 - abs(hue - POLYGON_HUES[name])))
 
 
-def geneval_shapes_polygon_reward(device="cpu", detect_text=True, position_bug=False):
+def geneval_shapes_polygon_reward(device="cpu", position_bug=False):
     """Factory for the unseen GenEval metric of the shapes world: `polygon_detections` + `polygon_colour`, scored by
     the same `geneval_check` rules as `geneval_shapes_reward` (rewards in [0, 1], info geneval/correct and
-    geneval/strict). device, detect_text: ignored (no model)."""
+    geneval/strict). device: ignored (no model)."""
     return geneval_scorer(lambda images: [polygon_detections(image) for image in images], polygon_colour, SHAPES,
                           position_bug)

@@ -5,14 +5,13 @@ crd.py holds the whole algorithm and imports what it needs from here; nothing he
 that changes the algorithm touches only crd.py. Read crd.py first.
 """
 import argparse
-import ast
 import collections
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import glob
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -39,6 +38,26 @@ class InputError(ValueError):
 
     The command line prints it as one line with no traceback and exits with status 2; bugs keep their traceback.
     """
+
+
+class Report(typing.NamedTuple):
+    """What the algorithm wants shown of its log (crd.report): its name, the console line's fields
+    [(label, key, format, separator after)], the diagnostics figure's panels [(keys, title, y scale)], the keys
+    drawn with a running mean, and the reward curve's second panel (name in the eval/diag/* keys, y label, title).
+    The run directory knows no key of its own beyond reward/mean, eval/* and time/*."""
+    name: str
+    console: list
+    panels: list
+    smoothed: list
+    held_out_panel: tuple
+
+
+class Rewards(typing.NamedTuple):
+    """--reward, --eval-rewards and --reward-options, each parsed once (check_inputs): the trained reward's terms
+    [(name, weight)], the unseen metrics' names, and the factories' options {name: {argument: value}}."""
+    trained: list
+    unseen: list
+    options: dict
 
 
 # -- the run directory --------------------------------------------------------------------------------------------
@@ -123,8 +142,8 @@ class RunDirectory:
     optional live tracker (--log-to). Only rank 0 writes and prints. A training run locks the folder and claims it
     (lock_run_directory, claim_run_directory: refused if in use, or if it holds a run not resumed or overwritten)."""
 
-    def __init__(self, cfg, rank, world_size, device, training=True):
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+    def __init__(self, cfg, rank, world_size, device, training, report, rewards):
+        self.cfg, self.rank, self.world_size, self.device, self.report = cfg, rank, world_size, device, report
         self.dir = os.path.join(cfg.output_dir, cfg.run_name)
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
@@ -134,19 +153,18 @@ class RunDirectory:
         if training and rank == 0:
             lock_run_directory(self.dir)
             claim_run_directory(self.dir, cfg)
-        self.say(reward_line(cfg))
+        self.say(reward_line(cfg, rewards))
 
     def start(self, params, optimizer):
         """The counters {"iteration", "step"}: zeros, or those of --resume's checkpoint, whose LoRA weights and
         optimizer state are loaded; metrics.jsonl keeps its lines before the checkpoint's iteration."""
         cfg, state = self.cfg, {"iteration": 0, "step": 0}
         n_local, passes, n_accum = cfg.sizes(self.world_size)
-        what = {"crd": "CRD", "nft": "DiffusionNFT baseline", "anchor": "reward-free control"}[cfg.objective]
-        self.say(f"{what} on {self.world_size} x {self.device}: {cfg.prompts_per_iteration} prompts x {cfg.group_size} "
-                 f"samples = {cfg.prompts_per_iteration * cfg.group_size} images per iteration, {n_local} per "
-                 f"process; {passes} passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} timesteps) per "
-                 f"process -> {cfg.optimizer_steps_per_iteration} optimizer steps of {n_accum} accumulated "
-                 f"passes")
+        self.say(f"{self.report.name} on {self.world_size} x {self.device}: {cfg.prompts_per_iteration} prompts x "
+                 f"{cfg.group_size} samples = {cfg.prompts_per_iteration * cfg.group_size} images per iteration, "
+                 f"{n_local} per process; {passes} passes of {cfg.micro_batch_size} samples (x{cfg.train_timesteps} "
+                 f"timesteps) per process -> {cfg.optimizer_steps_per_iteration} optimizer steps of {n_accum} "
+                 f"accumulated passes")
         resume = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
         if resume:
             state = load_checkpoint(resume, cfg, params, optimizer)
@@ -162,7 +180,7 @@ class RunDirectory:
 
     def progress(self, first):
         """Iterations first .. cfg.iterations - 1 under a tqdm bar (rank 0), each one's start time noted."""
-        for iteration in tqdm(range(first, self.cfg.iterations), desc="CRD", initial=first,
+        for iteration in tqdm(range(first, self.cfg.iterations), desc=self.report.name, initial=first,
                               total=self.cfg.iterations, disable=self.rank != 0):
             self.started = time.time()
             yield iteration
@@ -210,10 +228,10 @@ class RunDirectory:
         return result
 
     def end_iteration(self, log, state, params, optimizer, images, prompts, rewards):
-        """After an iteration (rank 0): a grid of its rollouts every --sample-every, checkpoint.pt every
-        --checkpoint-every, at the end and when a stop was requested; its line of metrics.jsonl, the tracker and the
-        console. Returns True if a SIGINT / SIGTERM asked the run to stop (the checkpoint is then written). Raises
-        NonFiniteWeights, before writing anything, if a LoRA weight is inf or nan."""
+        """After an iteration (rank 0): a grid of its rollouts every --sample-every, checkpoint.pt, its line of
+        metrics.jsonl, the tracker and the console. Returns True if a SIGINT / SIGTERM asked the run to stop (the
+        checkpoint is then written). Raises NonFiniteWeights, before writing anything, if a LoRA weight is inf or
+        nan."""
         cfg, iteration, stopping = self.cfg, log["iteration"], bool(STOP_REQUESTED)  # read once: stop => checkpoint
         check_finite_weights(params, iteration, state)  # inf / nan weights are never saved: stop before
         if self.rank == 0:
@@ -221,15 +239,14 @@ class RunDirectory:
                 captions = [f"{caption(p)}|{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
                 image_grid(images[:64], captions[:64], columns=cfg.group_size).save(
                     os.path.join(self.dir, f"samples_{iteration:04d}.png"))
-            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations or stopping:
-                save_checkpoint(self.checkpoint_path, cfg, params, optimizer, state)
+            save_checkpoint(self.checkpoint_path, cfg, params, optimizer, state)
             log["time/iteration"] = time.time() - self.started
             log["time/other"] = log["time/iteration"] - sum(log.get(f"time/{k}", 0) for k in TIME_PARTS[:-1])
             self.metrics.append(log)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
             self.tracker.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, iteration)
-            self.say(iteration_line(log, cfg))
+            self.say(iteration_line(log, self.report))
         if stopping:
             self.say(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with the same command "
                      f"plus --resume auto")
@@ -242,8 +259,8 @@ class RunDirectory:
         time split."""
         if self.rank == 0:
             save_lora(transformer, os.path.join(self.dir, "lora"))
-            plot_rewards(self.metrics, os.path.join(self.dir, "reward_curve.png"))
-            plot_diagnostics(self.metrics, os.path.join(self.dir, "diagnostics.png"))
+            plot_rewards(self.metrics, os.path.join(self.dir, "reward_curve.png"), self.report)
+            plot_diagnostics(self.metrics, os.path.join(self.dir, "diagnostics.png"), self.report)
             self.say(time_split_line(self.metrics, self.cfg))
             self.say(f"done: LoRA in {self.dir}/lora, curve in {self.dir}/reward_curve.png, metrics in "
                      f"{self.metrics_path}")
@@ -252,27 +269,27 @@ class RunDirectory:
 
 
 # -- console lines ------------------------------------------------------------------------------------------------
-def reward_line(cfg):
+def reward_line(cfg, rewards):
     """The run's first line: the reward, how the OCR rewards read (and whether EasyOCR's recogniser is quantised),
-    the unseen metrics."""
-    unseen = [name for name in cfg.eval_rewards.split(",") if name]
-    reading = "text detection + recognition" if cfg.ocr_detection else "recogniser on the whole image, no detection"
-    names = [n for n, _ in reward.parse_reward_spec(cfg.reward)] + unseen
-    uses_ocr = any(name in ("ocr", "ppocr") for name in names)
-    easyocr = (f"; EasyOCR's recogniser {'int8-quantised on a CPU' if cfg.ocr_quantize else 'fp32'} "
-               f"(--{'' if cfg.ocr_quantize else 'no-'}ocr-quantize)") if "ocr" in names else ""
-    return (f"reward {cfg.reward}{f' (OCR rewards read by {reading}{easyocr})' if uses_ocr else ''}; unseen "
-            f"metrics at evaluation: {', '.join(unseen) or 'none'}")
+    the unseen metrics. rewards: a Rewards."""
+    names = [n for n, _ in rewards.trained] + rewards.unseen
+    ocr = {name: rewards.options.get(name, {}) for name in reward.OCR_REWARDS if name in names}
+    how = {True: "text detection + recognition", False: "the recogniser on the whole image, no detection"}
+    readings = ", ".join(f"{name} by {how[bool(o.get('detect_text'))]}" for name, o in ocr.items())
+    if "ocr" in ocr:
+        quantized = ocr["ocr"].get("quantize", True)
+        readings += (f"; EasyOCR's recogniser {'int8-quantised on a CPU' if quantized else 'fp32'} "
+                     f"(ocr.quantize={str(quantized).lower()})")
+    return (f"reward {cfg.reward}{f' (OCR read {readings})' if ocr else ''}; unseen metrics at evaluation: "
+            f"{', '.join(rewards.unseen) or 'none'}")
 
 
-def iteration_line(log, cfg):
-    """One iteration's console line from its log: reward, losses, the diagnostics of Eq. (7), the EMA decays, time."""
-    return (f"it {log['iteration']:3d} | reward {log['reward/mean']:.3f} | loss {cfg.objective} "
-            f"{log.get(f'loss/{cfg.objective}', math.nan):.4f} kl {log.get('loss/kl', math.nan):.5f} | "
-            f"r^ std {log.get('implicit_reward/std', math.nan):.4f} "
-            f"corr {log.get('crd/corr', math.nan):+.3f} fresh {log.get('crd/corr_fresh', math.nan):+.3f} "
-            f"expl {log.get('crd/explained', math.nan):+.3f} | "
-            f"eta old {log['ema/eta_old']:.3f} samp {log['ema/eta_sampler']:.3f} | {log['time/iteration']:.1f}s")
+def iteration_line(log, report):
+    """One iteration's console line from its log: the Report's fields, then the iteration's time."""
+    parts = []
+    for label, key, spec, separator in [("it", "iteration", "3d", " | ")] + report.console:
+        parts.append(f"{label} {format(log.get(key, math.nan), spec)}{separator or ' '}")
+    return "".join(parts) + f"{log['time/iteration']:.1f}s"
 
 
 def evaluation_line(result, cfg):
@@ -309,16 +326,14 @@ def evaluation_due(iteration, first, eval_every):
     return iteration == first == 0 or bool(eval_every and iteration % eval_every == 0 and iteration != first)
 
 
-def make_rewards(cfg, device, rank=0):
+def make_rewards(rewards, device, rank=0):
     """(the trained reward's function, {name: function} of the unseen metrics, built on rank 0 only), from
-    reward.make_reward with --reward-options and --ocr-quantize. Raises InputError for a reward that cannot be
-    built (reward.RewardError)."""
-    options = reward.parse_reward_options(cfg.reward_options)
-    options["ocr"] = options.get("ocr", {}) | {"quantize": cfg.ocr_quantize}
+    reward.make_reward with the Rewards' options. Raises InputError for a reward that cannot be built
+    (reward.RewardError)."""
     try:
-        reward_fn = reward.make_reward(cfg.reward, device, cfg.ocr_detection, options)
-        return reward_fn, {name: reward.make_reward(name, device, cfg.ocr_detection, options)
-                           for name in cfg.eval_rewards.split(",") if name and rank == 0}
+        reward_fn = reward.make_reward(rewards.trained, device, rewards.options)
+        return reward_fn, {name: reward.make_reward(name, device, rewards.options)
+                           for name in rewards.unseen if rank == 0}
     except reward.RewardError as error:
         raise InputError(str(error)) from None
 
@@ -344,8 +359,8 @@ def image_grid(images, captions, columns=8, caption_height=12):
 
 
 @torch.no_grad()
-def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, unseen=None):
-    """Score a model on a prompt set; `generate(prompts, seeds)` returns one PIL image per prompt (crd.generate with
+def evaluate(images_for, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, unseen=None):
+    """Score a model on a prompt set; `images_for(prompts, seeds)` returns one PIL image per prompt (`generate` with
     the model bound).
 
     Samples one image per prompt with seeds seed, seed+1, ... (the same noise for every model compared), scores
@@ -363,7 +378,7 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
     unseen_rewards = {name: [] for name in (unseen or {})}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        batch_images = generate(batch, range(seed + start, seed + start + len(batch)))
+        batch_images = images_for(batch, range(seed + start, seed + start + len(batch)))
         batch_rewards, info = reward_fn(batch_images, batch)
         rewards.append(batch_rewards)
         for key, value in info.items():
@@ -391,9 +406,8 @@ def evaluate(generate, reward_fn, prompts, batch_size=64, seed=0, grid_size=32, 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 RESUMABLE_CHANGES = {"iterations", "resume", "eval_every", "eval_count", "eval_start", "eval_rewards", "sample_every",
-                     "checkpoint_every", "device", "output_dir", "run_name", "log_to", "overwrite",
-                     "implicit_check_prompts", "implicit_check_draws"}  # fields a resumed run may change (they
-# leave the computation as it is)
+                     "device", "output_dir", "run_name", "log_to", "overwrite", "implicit_check_prompts"}
+# the fields a resumed run may change (they leave the computation as it is)
 
 
 class NonFiniteWeights(FloatingPointError):
@@ -483,15 +497,17 @@ def save_lora(transformer, directory):
 
 
 # -- curves and live logging -------------------------------------------------------------------------------------
-def plot_rewards(metrics, path):
-    """Reward curve: training reward per iteration and held-out evaluation reward, saved as PNG."""
+def plot_rewards(metrics, path, report):
+    """Reward curve: training reward per iteration and held-out evaluation reward, saved as PNG; beside it, if logged,
+    the held-out diagnostic of report.held_out_panel (keys eval/diag/*NAME*, with their *_se* errors)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    accuracy_keys = sorted({k for m in metrics for k in m if k.startswith("eval/diag/") and "accuracy" in k
-                            and not k.endswith("_se")})  # a ranking diagnostic at each evaluation, if logged
+    name, ylabel, title = report.held_out_panel
+    accuracy_keys = sorted({k for m in metrics for k in m if k.startswith("eval/diag/") and name in k
+                            and f"{name}_se" not in k})
     fig, axes = plt.subplots(1, 2 if accuracy_keys else 1, figsize=(11 if accuracy_keys else 6, 3.5), squeeze=False)
     ax = axes[0, 0]
     train = [(m["iteration"], m["reward/mean"]) for m in metrics if "reward/mean" in m]
@@ -509,14 +525,13 @@ def plot_rewards(metrics, path):
     ax.grid(alpha=0.3)
     ax.legend()
     for key in accuracy_keys:  # with +-1 standard error (the key + "_se", where logged)
-        points = [(m["eval/iteration"], m[key], m.get(key.replace("accuracy", "accuracy_se"), 0)) for m in metrics
+        points = [(m["eval/iteration"], m[key], m.get(key.replace(name, f"{name}_se"), 0)) for m in metrics
                   if key in m]
         iterations, values, errors = zip(*points)
         axes[0, 1].errorbar(iterations, values, yerr=errors, marker="o", capsize=2, label=key[len("eval/diag/"):])
     if accuracy_keys:
         axes[0, 1].axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
-        axes[0, 1].set(xlabel="iteration", ylabel="within-group pairwise accuracy",
-                       title="does theta's implicit reward rank samples as the reward?")
+        axes[0, 1].set(xlabel="iteration", ylabel=ylabel, title=title)
         axes[0, 1].grid(alpha=0.3)
         axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
@@ -524,35 +539,30 @@ def plot_rewards(metrics, path):
     plt.close(fig)
 
 
-def plot_diagnostics(metrics, path, window=10):
-    """Is the reward term of Eq. (7) learning? Four panels per iteration, saved as PNG: the within-group
-    correlation of r^ with r~ over all passes and over the passes before the iteration's first optimizer step
-    (crd/corr_fresh: samples no update has seen; each with a running mean over `window` iterations), the explained
-    fraction 1 - sum (beta R^ - R)^2 / sum R^2, the spreads of beta R^ and R, and the EMA snapshots' mean lags
-    eta / (1 - eta) (iterations)."""
+def plot_diagnostics(metrics, path, report, window=10):
+    """The algorithm's per-iteration diagnostics, saved as PNG: one panel per entry of report.panels (its keys
+    against the iteration, with the given y scale), the report.smoothed keys also as a running mean over `window`
+    iterations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     its = [m["iteration"] for m in metrics]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
-    panels = [(axes[0, 0], ["crd/corr", "crd/corr_fresh"], "corr(R^, R) within groups"), (axes[0, 1], ["crd/explained"],
-              "explained fraction of R"), (axes[1, 0], ["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R"),
-              (axes[1, 1], ["ema/lag_old", "ema/lag_sampler"], "EMA snapshots' mean lag (iterations)")]
-    for ax, keys, title in panels:
+    columns = math.ceil(len(report.panels) / 2)
+    fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 6), squeeze=False)
+    for ax, (keys, title, scale) in zip(axes.T.flatten(), report.panels):
         for key in keys:
             values = np.array([m.get(key, math.nan) for m in metrics], dtype=float)
             ax.plot(its, values, alpha=0.5, label=key)
-            if key.startswith("crd/corr") and len(values) >= window:
+            if key in report.smoothed and len(values) >= window:
                 smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
-                ax.plot(its[window - 1:], smooth, "k-" if key == "crd/corr" else "r-",
+                ax.plot(its[window - 1:], smooth, "k-" if key == report.smoothed[0] else "r-",
                         label=f"{key}, running mean of {window}")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=title, xlabel="iteration")
+        ax.set(title=title, xlabel="iteration", yscale=scale)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[1, 1].set_yscale("symlog")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -625,8 +635,6 @@ def average_gradients(parameters, world_size):
     if world_size == 1:
         return
     for p in parameters:
-        if p.grad is None:  # every pass of this rank was skipped (--skip-nonfinite)
-            p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad.div_(world_size)
 
@@ -653,7 +661,7 @@ def install_stop_handlers():
         signal.signal(signum, request_stop)
 
 
-# -- the pipeline ------------------------------------------------------------------------------------------------
+# -- the pipeline: loading, text embeddings, Euler sampling, decoding --------------------------------------------------
 def load_pipeline(model, dtype=torch.float32, device="cpu"):
     """Load a `StableDiffusion3Pipeline` from a local directory or a hub id (e.g. the embedded tiny model).
 
@@ -688,6 +696,87 @@ def load_frozen_pipeline(cfg, device):
             if cfg.text_encoders_on_cpu and module is not pipe.vae:
                 module.to("cpu")
     return pipe
+
+
+def encode_prompts(pipe, prompts, max_sequence_length, cache=None):
+    """Text-encode prompts with the pipeline's own encoders (which may live on the CPU, see text_encoders_on_cpu).
+
+    prompts: plain strings, or JSON metadata lines (GenEval's format) whose "prompt" field is encoded. Returns
+    prompt_embeds (N, L, D) and pooled_prompt_embeds (N, D_pool), on the transformer's device. With a `cache` (a
+    PromptCache) each distinct prompt is encoded once, on its own, and served from the CPU afterwards.
+    """
+    if cache is not None:
+        return cache(pipe, prompts, max_sequence_length)
+    device = pipe.text_encoder.device
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=[reward.prompt_text(p) for p in prompts], prompt_2=None,
+                                              prompt_3=None, do_classifier_free_guidance=False, device=device,
+                                              max_sequence_length=max_sequence_length)
+    return embeds.to(pipe.transformer.device), pooled.to(pipe.transformer.device)
+
+
+class PromptCache:
+    """Text embeddings of the last `size` distinct prompts, kept on the CPU (functools.lru_cache: the least recently
+    used is dropped first). Each prompt is encoded alone, so its embedding never depends on which prompts shared its
+    batch and a resumed run sees bitwise the same tensors. Cost: SD3.5-M at 256 T5 tokens holds ~2.7 MB per prompt
+    (bf16)."""
+
+    def __init__(self, size):
+        self.encode_one = functools.lru_cache(maxsize=size)(self._encode_one)
+
+    @staticmethod
+    def _encode_one(pipe, prompt, max_sequence_length):
+        embeds, pooled = encode_prompts(pipe, [prompt], max_sequence_length)
+        return embeds[0].cpu(), pooled[0].cpu()
+
+    def __call__(self, pipe, prompts, max_sequence_length):
+        pairs = [self.encode_one(pipe, prompt, max_sequence_length) for prompt in prompts]
+        device = pipe.transformer.device
+        return torch.stack([e for e, _ in pairs]).to(device), torch.stack([p for _, p in pairs]).to(device)
+
+
+@torch.no_grad()
+def schedule_sigmas(num_steps, schedule="diffusers"):
+    """The N sigmas handed to the scheduler before its shift: None for 'diffusers' (the scheduler's own spacing,
+    linspace(1, sigma_min, N)), linspace(1, 1/N, N) for 'port' (Flow-Factory; with SD3.5's shift 3 its 10 steps end
+    at sigma 0.25 instead of 0.009)."""
+    return None if schedule == "diffusers" else np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+
+
+@torch.no_grad()
+def sample_latents(pipe, prompt_embeds, pooled_prompt_embeds, seeds, height, width, num_steps, guidance_scale,
+                   max_sequence_length, schedule="diffusers"):
+    """Deterministic Euler ODE sampling with the pipeline's scheduler (one generator per sample).
+
+    prompt_embeds (N, L, D), seeds: N ints. guidance_scale 1.0 = no CFG (empty-prompt negative otherwise);
+    schedule: see `schedule_sigmas`. Returns the final clean latents x0 (N, C, H/f, W/f), in the transformer's
+    (scaled and shifted) latent space.
+    """
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, height=height, width=width,
+                num_inference_steps=num_steps, sigmas=schedule_sigmas(num_steps, schedule),
+                guidance_scale=guidance_scale, generator=generators, max_sequence_length=max_sequence_length,
+                output_type="latent").images
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents, chunk_size=32):
+    """Latents (N, C, h, w) -> list of N PIL images, decoded by the VAE in chunks to bound memory."""
+    vae = pipe.vae
+    images = []
+    for chunk in latents.split(chunk_size):
+        chunk = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images += pipe.image_processor.postprocess(vae.decode(chunk).sample.float(), output_type="pil")
+    return images
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, height, width, num_steps, guidance_scale=1.0, max_sequence_length=2,
+             prompt_cache=None, schedule="diffusers"):
+    """Prompts -> PIL images (the held-out evaluation's sampler): text-encode, sample (Euler ODE, one seed per
+    prompt), decode, with the transformer's adapters as they are. Returns len(prompts) images."""
+    embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length, prompt_cache)
+    return decode_latents(pipe, sample_latents(pipe, embeds, pooled, seeds, height, width, num_steps, guidance_scale,
+                                               max_sequence_length, schedule))
 
 
 # -- input checks: everything checked before loading a model -----------------------------------------------------
@@ -873,25 +962,36 @@ def check_output_dir(path):
             from None
 
 
+def parse_rewards(cfg):
+    """The Rewards of --reward, --eval-rewards, --reward-options and --ocr-detection (the OCR rewards' detect_text
+    option), each parsed once; InputError naming the flag for a reward or an option that does not exist, and for
+    ocr.model_dir without EasyOCR's weights."""
+    unseen = [name for name in cfg.eval_rewards.split(",") if name]
+    terms = {}
+    for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
+        try:
+            terms[spec] = reward.parse_reward_spec(spec)
+        except ValueError as error:
+            raise InputError(f"{flag} {spec!r}: {error}") from None
+    try:
+        options = reward.parse_reward_options(cfg.reward_options, cfg.ocr_detection)
+        reward.check_reward_options(options)
+    except ValueError as error:
+        raise InputError(f"--reward-options: {error}") from None
+    return Rewards(terms[cfg.reward], unseen, options)
+
+
 def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     """Everything that can be checked before loading a model; raises InputError saying what is wrong and how to fix it.
 
-    Returns (training prompts, held-out prompts); training=False (--eval) needs no training prompts. model_hint:
+    Returns (training prompts, held-out prompts, Rewards: the reward flags parsed); training=False (--eval) needs no
+    training prompts. model_hint:
     how to make --model if its folder is missing (see check_model). Prints the prompts' warnings (ambiguous OCR
     quotes) to stderr, one line each.
     """
     check_config(cfg, world_size)
     check_model(cfg.model, model_hint)
-    unseen = [name for name in cfg.eval_rewards.split(",") if name]
-    for flag, spec in [("--reward", cfg.reward)] + [("--eval-rewards", name) for name in unseen]:
-        try:
-            reward.parse_reward_spec(spec)
-        except ValueError as error:
-            raise InputError(f"{flag} {spec!r}: {error}") from None
-    try:
-        reward.check_reward_options(reward.parse_reward_options(cfg.reward_options), cfg.ocr_detection)
-    except ValueError as error:
-        raise InputError(f"--reward-options: {error}") from None
+    rewards = parse_rewards(cfg)
     if cfg.log_to and importlib.util.find_spec(cfg.log_to) is None:
         raise InputError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package: pip install {cfg.log_to}")
     if lora:
@@ -912,8 +1012,9 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     eval_prompts = read_prompts(cfg.eval_prompts)[cfg.eval_start: cfg.eval_start + cfg.eval_count]
     if not eval_prompts:
         raise InputError(f"--eval-start {cfg.eval_start} is past the end of {cfg.eval_prompts}")
-    for path, items, specs, start in ((cfg.prompts, prompts, [cfg.reward], 1),
-                                      (cfg.eval_prompts, eval_prompts, [cfg.reward] + unseen, cfg.eval_start + 1)):
+    for path, items, specs, start in ((cfg.prompts, prompts, [rewards.trained], 1),
+                                      (cfg.eval_prompts, eval_prompts, [rewards.trained] + rewards.unseen,
+                                       cfg.eval_start + 1)):
         said = set()
         for spec in specs:  # each reward says what it needs of a prompt (a quoted OCR target, GenEval metadata)
             try:
@@ -926,29 +1027,18 @@ def check_inputs(cfg, world_size=1, training=True, lora="", model_hint=""):
     if training and len(prompts) < cfg.prompts_per_iteration:
         raise InputError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than --prompts-per-iteration "
                          f"{cfg.prompts_per_iteration}")
-    return prompts, eval_prompts
+    return prompts, eval_prompts, rewards
 
 
 # -- command line ------------------------------------------------------------------------------------------------
-def field_docs(cls):
-    """The comment after each dataclass field on its line, read from the source (used as --help text):
-    {field name: text}."""
-    lines = inspect.getsource(cls).splitlines()
-    docs = {}
-    for node in ast.parse("\n".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign):
-            line = lines[node.lineno - 1]
-            docs[node.target.id] = line[line.find("#", node.end_col_offset) + 1:].strip() if "#" in line else ""
-    return docs
-
-
 def parse_args(config_class, presets, argv=None, description=""):
     """(config, the other arguments) from the command line: --preset picks the defaults (`presets`: {name: function
-    returning a config}, the first is the default), every field of the dataclass `config_class` is a --flag."""
+    returning a config}, the first is the default), every field of the dataclass `config_class` is a --flag, its
+    help text the field's metadata["help"]."""
     preset_parser = argparse.ArgumentParser(add_help=False)
     preset_parser.add_argument("--preset", default=next(iter(presets)), choices=sorted(presets))
     preset, _ = preset_parser.parse_known_args(argv)
-    defaults, docs = presets[preset.preset](), field_docs(config_class)
+    defaults = presets[preset.preset]()
     hints = typing.get_type_hints(config_class)
     parser = argparse.ArgumentParser(description=description, parents=[preset_parser])
     parser.add_argument("--eval", action="store_true", help="only evaluate --model (+ --lora) on --eval-prompts")
@@ -957,7 +1047,7 @@ def parse_args(config_class, presets, argv=None, description=""):
     parser.add_argument("--debug", action="store_true", help="show the traceback of input errors (also CRD_DEBUG=1)")
     for f in dataclasses.fields(config_class):
         value, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
-        text = docs[f.name].replace("%", "%%")  # argparse formats help with %: a bare % would crash --help
+        text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if typing.get_origin(hints[f.name]) is typing.Literal:
             text += f" (one of: {', '.join(choice or repr(choice) for choice in typing.get_args(hints[f.name]))})"
         if isinstance(value, bool):
@@ -982,17 +1072,17 @@ def quiet_known_warnings():
     transformers_logging.disable_progress_bar()
 
 
-def last_good_state(checkpoint, skippable=True):
+def last_good_state(checkpoint):
     """What a diverged run's error adds: the checkpoint it can resume from, with its iteration, or that none was
-    written; skippable: a non-finite loss or gradient, which --skip-nonfinite skips."""
+    written."""
     if not os.path.isfile(checkpoint):
         return "no checkpoint was written before it: change the settings and start again"
     try:
         iteration = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["state"]["iteration"]
     except Exception:
         iteration = "?"
-    return (f"the last good state is {checkpoint}, at iteration {iteration} (resume with --resume auto"
-            f"{', add --skip-nonfinite to skip such passes' if skippable else ', with other settings'})")
+    return (f"the last good state is {checkpoint}, at iteration {iteration} (resume with --resume auto, with other "
+            f"settings, e.g. a smaller --learning-rate)")
 
 
 def cli(train, evaluate_model, config_class, presets, argv=None, description=""):
@@ -1012,7 +1102,7 @@ def cli(train, evaluate_model, config_class, presets, argv=None, description="")
             raise
         if isinstance(error, FloatingPointError):  # a diverged run: say where its last good state is
             checkpoint = os.path.join(config.output_dir, config.run_name, "checkpoint.pt")
-            error = f"{error}; {last_good_state(checkpoint, not isinstance(error, NonFiniteWeights))}"
+            error = f"{error}; {last_good_state(checkpoint)}"
         print(f"crd.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second signal: stopped at once, without a new checkpoint

@@ -1,16 +1,33 @@
-"""Rewards for CRD: the contract every reward follows, the prompt format, OCR, and the registry.
+"""Rewards for CRD, and the contract every reward follows (all of it: crd.py and plumbing.py rely on nothing else).
 
-Each reward is a factory returning `fn(images, prompts) -> (rewards, info)`:
+A reward is a factory registered by name in `REWARDS`:
 
-- `rewards`: float32 Tensor of shape (N,), every value in [0, 1], one per image.
-- `info`: dict of extra facts to log: numbers for the batch (e.g. `{"ocr/failures": 2, "ocr/exact": 0.4}`) or
+    factory(device, **options) -> fn
+    fn(images, prompts) -> (rewards, info)
+
+- `device`: a torch.device or its string ("cpu", "cuda:0") for the reward's own models; a factory without models
+  ignores it.
+- `options`: the factory's keyword arguments, each with a default; users set them as --reward-options
+  NAME.ARGUMENT=VALUE,... (the strings 'true' / 'false' become booleans; other values arrive as strings). The OCR
+  rewards (`OCR_REWARDS`) also get `detect_text` from --ocr-detection; no other factory is passed anything.
+- `images`: a list of N PIL.Image.Image in RGB, decoded by the VAE (the tiny OCR model's are 96 x 32).
+- `prompts`: a list of N strings, the prompt of each image (K consecutive images share one): plain text, or a JSON
+  line of GenEval metadata whose "prompt" is the text (`prompt_text`, `prompt_tag`).
+- `rewards`: a float32 CPU tensor of shape (N,), every value finite and in [0, 1], one per image (higher is better).
+- `info`: a dict of extra facts to log (an empty dict is fine): numbers for the batch (e.g. {"ocr/exact": 0.4}) or
   float32 (N,) tensors of per-image values (e.g. GenEval's binary `geneval/correct`), logged as their mean.
-- `prompts`: strings; plain text, or a JSON line of GenEval metadata whose "prompt" is the text (`prompt_text`).
+- Errors: a factory that cannot be built (weights missing, an engine failing to start) raises `RewardError`, which
+  the command line prints as one line; `fn` raises ValueError for a prompt it cannot score. A reward that can say
+  what it needs of a prompt before any model loads registers `PROMPT_CHECKS[name] = check(prompt)` (raises
+  ValueError) and optionally `PROMPT_WARNINGS[name] = warn(prompt) -> str or None`.
 
-Heavy imports live inside the factories, so `import reward` is cheap. `make_reward(spec)` builds `REWARDS[name]`
-or a weighted sum ('ocr:1,pickscore:0.5'), and `check_prompts(spec, prompts)` runs each reward's own prompt check
-(`PROMPT_CHECKS`) before any model loads; both raise ValueError naming the problem. The GenEval rewards live in
-geneval.py, imported only when one is asked for, so an OCR-only fork needs this file alone. The rewards:
+To add one, define the factory and register it before the run starts, in this file or in your own script:
+`reward.REWARDS["mine"] = my_factory`, then `--reward mine` (or `--reward ocr:1,mine:0.5` for a weighted sum).
+test_reward.py trains one iteration with a reward written from this docstring alone.
+
+Heavy imports live inside the factories, so `import reward` is cheap. `parse_reward_spec` reads a --reward value,
+`make_reward` builds it, `check_prompts` runs the prompt checks; GenEval's rewards live in geneval.py, imported only
+when one is asked for, so an OCR-only fork needs this file alone. The rewards:
 - `ocr`: the OCR reward of Flow-GRPO, DiffusionNFT, AWM and the CRD paper (docs/method.md, "The OCR reward"), read
   by EasyOCR in place of PaddleOCR; `ppocr`: the same reward read by PaddleOCR's PP-OCRv4 models (a second engine,
   used as an unseen metric).
@@ -159,10 +176,10 @@ def missing_ocr_weights(model_dir, detect_text=True):
     return [name for name in needed if not os.path.isfile(os.path.join(model_dir, name))]
 
 
-def check_reward_options(options, detect_text=True):
+def check_reward_options(options):
     """Raise ValueError, before any model loads, for an option that names files which are not there
     (ocr.model_dir without EasyOCR's weights). options: parse_reward_options's dict."""
-    model_dir = options.get("ocr", {}).get("model_dir")
+    model_dir, detect_text = options.get("ocr", {}).get("model_dir"), options.get("ocr", {}).get("detect_text", True)
     if model_dir and missing_ocr_weights(model_dir, detect_text):
         raise ValueError(f"ocr.model_dir={model_dir}: no {' or '.join(missing_ocr_weights(model_dir, detect_text))} "
                          f"there; pass the folder holding EasyOCR's English weights (easyocr_en_models.model_dir())")
@@ -178,8 +195,9 @@ def quantize_recogniser(reader):
             torch.ao.quantization.quantize_dynamic(reader.recognizer, dtype=torch.qint8, inplace=True)
     except Exception as error:
         raise RewardError(f"EasyOCR's int8 quantisation of its recogniser failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); pass --no-ocr-quantize to read "
-                          f"with the fp32 recogniser (its rewards differ from the documented, quantised ones)") \
+                          f"{str(error).splitlines()[0] if str(error) else ''}); pass --reward-options "
+                          f"ocr.quantize=false to read with the fp32 recogniser (its rewards differ from the "
+                          f"documented, quantised ones)") \
             from None
 
 
@@ -244,7 +262,7 @@ def ppocr_reward(device="cpu", detect_text=True):
     return ocr_reward_from(read)
 
 
-def ink_reward(device="cpu", detect_text=True):
+def ink_reward(device="cpu"):
     """Factory for a cheap deterministic reward: the mean darkness (1 - grey level) of the image, in [0, 1].
 
     For tests and smoke runs only; it ignores the prompts.
@@ -284,13 +302,13 @@ def clip_similarity_reward(model, processor, scale=None):
     return fn
 
 
-def pickscore_reward(device="cpu", detect_text=True, model="yuvalkirstain/PickScore_v1",
+def pickscore_reward(device="cpu", model="yuvalkirstain/PickScore_v1",
                      processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
     """Factory for the PickScore reward: PickScore's CLIP logit / 26, clamped to [0, 1] (as DiffusionNFT uses it).
 
     model: hub id or local folder of the PickScore `CLIPModel`; processor: that of its `CLIPProcessor` (PickScore
-    ships none; its authors use the CLIP-ViT-H-14 laion2B one). Runs on `device`, eval mode, no gradients;
-    detect_text is ignored. fn(images, prompts) -> (float32 (N,) in [0, 1], {}): reward = logit_scale.exp() x
+    ships none; its authors use the CLIP-ViT-H-14 laion2B one). Runs on `device`, eval mode, no gradients.
+    fn(images, prompts) -> (float32 (N,) in [0, 1], {}): reward = logit_scale.exp() x
     cosine(image embedding, text embedding) / 26, clamped (see `clip_similarity_reward`); a prompt may be a
     GenEval metadata dict or its JSON string (its "prompt" is read). Raises RuntimeError naming the model if it
     cannot be loaded (pass a local folder, or set HF_HUB_OFFLINE=1 with the files cached).
@@ -304,11 +322,11 @@ def pickscore_reward(device="cpu", detect_text=True, model="yuvalkirstain/PickSc
                                   scale=PICKSCORE_SCALE)
 
 
-def clipscore_reward(device="cpu", detect_text=True, model="openai/clip-vit-large-patch14"):
+def clipscore_reward(device="cpu", model="openai/clip-vit-large-patch14"):
     """Factory for the CLIPScore reward: cosine of the CLIP image and text embeddings, clamped to [0, 1].
 
     model: hub id or local folder of a `CLIPModel` with its `CLIPProcessor`. Runs on `device`, eval mode, no
-    gradients; detect_text is ignored. No 2.5x rescaling (CLIPScore's w): the raw cosine, ~0.2-0.4 for real
+    gradients. No 2.5x rescaling (CLIPScore's w): the raw cosine, ~0.2-0.4 for real
     pairs. Prompts as in `pickscore_reward`. Raises RuntimeError naming the model if it cannot be loaded.
     """
     from transformers import CLIPModel, CLIPProcessor
@@ -323,6 +341,7 @@ def clipscore_reward(device="cpu", detect_text=True, model="openai/clip-vit-larg
 # The registry: names, prompt checks, weighted sums, options
 # ---------------------------------------------------------------------------------------------------------------
 # name -> factory; a string names a factory of geneval.py, imported when first asked for (`reward_factory`)
+OCR_REWARDS = ("ocr", "ppocr")  # the rewards that read text: they take `detect_text` (--ocr-detection)
 REWARDS = {"ocr": ocr_reward, "ppocr": ppocr_reward, "ink": ink_reward, "pickscore": pickscore_reward,
            "clipscore": clipscore_reward, "geneval": "geneval_reward", "geneval_shapes": "geneval_shapes_reward",
            "geneval_shapes_poly": "geneval_shapes_polygon_reward"}
@@ -356,11 +375,14 @@ PROMPT_WARNINGS = {"ocr": ambiguous_quotes, "ppocr": ambiguous_quotes}
 
 
 def parse_reward_spec(spec):
-    """'ocr' or a weighted sum 'ocr:1,pickscore:0.5' -> [(name, weight), ...] (weight 1 when omitted).
+    """'ocr' or a weighted sum 'ocr:1,pickscore:0.5' -> [(name, weight), ...] (weight 1 when omitted); a list of such
+    terms is returned as it is.
 
     Raises ValueError naming an unknown reward (with the known ones), a weight that is not a number > 0, a name
     given twice, or an empty spec.
     """
+    if not isinstance(spec, str):
+        return spec
     terms = []
     for part in (p.strip() for p in spec.split(",")):
         name, _, weight = part.partition(":")
@@ -381,7 +403,8 @@ def parse_reward_spec(spec):
 def check_prompts(spec, prompts, start=1):
     """Check that every reward of `spec` can score every prompt, before any model loads.
 
-    prompts: list of prompt strings (plain text or a JSON metadata line), numbered from `start` in messages.
+    spec: a --reward string or its terms (parse_reward_spec). prompts: list of prompt strings (plain text or a
+    JSON metadata line), numbered from `start` in messages.
     Raises ValueError naming the prompt's number and what the reward needs (a quoted OCR target, GenEval metadata).
     Returns the warnings of PROMPT_WARNINGS, each naming its prompt's number (e.g. ambiguous OCR quotes).
     """
@@ -398,13 +421,15 @@ def check_prompts(spec, prompts, start=1):
     return found
 
 
-def parse_reward_options(text):
-    """'geneval.detector=DIR,pickscore.model=ID' -> {"geneval": {"detector": "DIR"}, "pickscore": {"model": "ID"}}.
+def parse_reward_options(text, detect_text=False):
+    """'geneval.detector=DIR,pickscore.model=ID' -> {"geneval": {"detector": "DIR"}, "pickscore": {"model": "ID"},
+    "ocr": {"detect_text": False}, "ppocr": {"detect_text": False}}.
 
-    Overrides the keyword arguments of the reward factories (their model ids, `position_bug`: 'true'/'false').
-    Raises ValueError for a malformed item, an unknown reward, or an argument its factory does not take.
+    Overrides the keyword arguments of the reward factories (their model ids, `position_bug`, `quantize`: 'true' /
+    'false'); every OCR reward (OCR_REWARDS) gets `detect_text` (--ocr-detection) unless the text sets it. Raises
+    ValueError for a malformed item, an unknown reward, or an argument its factory does not take.
     """
-    options = {}
+    options = {name: {"detect_text": detect_text} for name in OCR_REWARDS}
     for item in (i.strip() for i in text.split(",") if i.strip()):
         key, equals, value = item.partition("=")
         name, dot, argument = key.partition(".")
@@ -412,28 +437,26 @@ def parse_reward_options(text):
             raise ValueError(f"reward option {item!r}: write NAME.ARGUMENT=VALUE, e.g. geneval.detector=path/to/dir")
         if name not in REWARDS:
             raise ValueError(f"reward option {item!r}: unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-        allowed = [p for p in inspect.signature(reward_factory(name)).parameters
-                   if p not in ("device", "detect_text", "quantize")]  # quantize: --ocr-quantize
+        allowed = [p for p in inspect.signature(reward_factory(name)).parameters if p != "device"]
         if argument not in allowed:
             raise ValueError(f"reward option {item!r}: {name} takes {', '.join(allowed) or 'no options'}")
         options.setdefault(name, {})[argument] = {"true": True, "false": False}.get(value.lower(), value)
     return options
 
 
-def make_reward(spec, device="cpu", detect_text=True, options=None):
-    """Build the reward of `spec` ('ocr', or a weighted sum 'ocr:1,pickscore:0.5'; see parse_reward_spec).
+def make_reward(spec, device="cpu", options=None):
+    """Build the reward of `spec` ('ocr', a weighted sum 'ocr:1,pickscore:0.5', or their parse_reward_spec terms).
 
     A weighted sum returns sum_k w_k r_k / sum_k w_k, so it stays in [0, 1], with each term's mean logged as info
-    key `<name>` (plus each term's own info). detect_text: for the OCR rewards, run text detection (True) or read
-    the whole image as one line (False). options: {name: {argument: value}} for the factories (see
-    parse_reward_options). Raises ValueError for an unknown name or a bad weight.
+    key `<name>` (plus each term's own info). options: {name: {argument: value}} for the factories
+    (parse_reward_options; an OCR reward not in it detects text). Raises ValueError for an unknown name
+    or a bad weight, RewardError for a reward that cannot be built.
     """
     options = options or {}
     terms = parse_reward_spec(spec)
     if len(terms) == 1:
-        return reward_factory(terms[0][0])(device, detect_text=detect_text, **options.get(terms[0][0], {}))
-    fns = [(name, weight, reward_factory(name)(device, detect_text=detect_text, **options.get(name, {})))
-           for name, weight in terms]
+        return reward_factory(terms[0][0])(device, **options.get(terms[0][0], {}))
+    fns = [(name, weight, reward_factory(name)(device, **options.get(name, {}))) for name, weight in terms]
     total = sum(weight for _, weight, _ in fns)
 
     def fn(images, prompts):

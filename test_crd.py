@@ -14,7 +14,9 @@ import os
 import pytest
 import torch
 
+import baselines
 import crd
+import diagnostics
 import plumbing
 from conftest import lora_moved, randn, sd35m_layout_pipeline, tiny_config
 
@@ -95,22 +97,22 @@ def test_nft_baseline_loss_hand_values():
     x0, x_sigma, sigma = torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2), torch.tensor([0.5])
     v_old, v_theta = torch.tensor([[[[2.0, 0.0]]]]), torch.tensor([[[[2.0, 2.0]]]])
     # beta 1: v+ = v_theta -> x0+ = (0, 0), L+ = 0; v- = 2 v_old - v_theta = (2, -2) -> x0- = (0, 2), w- = 1, L- = 2
-    loss = crd.nft_loss(v_theta, v_old, x_sigma, x0, sigma, torch.tensor([0.25]), beta=1.0)
+    loss = baselines.nft_loss(v_theta, v_old, x_sigma, x0, sigma, torch.tensor([0.25]), beta=1.0)
     assert loss.item() == pytest.approx(5 * (0.25 * 0 + 0.75 * 2))
     # beta 0.5: v+ = (2, 1) -> err (0, .5), w .25, L+ = .5; v- = (2, -1) -> err (0, 1.5), w .75, L- = 1.5
-    loss = crd.nft_loss(v_theta, v_old, x_sigma, x0, sigma, torch.tensor([0.25]), beta=0.5)
+    loss = baselines.nft_loss(v_theta, v_old, x_sigma, x0, sigma, torch.tensor([0.25]), beta=0.5)
     assert loss.item() == pytest.approx(5 * (0.25 * 0.5 / 0.5 + 0.75 * 1.5 / 0.5))
     # at v_theta = v_old a high reward pulls x0+ toward x0, a low one pushes it away
     for r, closer in ((1.0, True), (0.0, False)):
         v = v_old.clone().requires_grad_(True)
-        crd.nft_loss(v, v_old, x_sigma, x0, sigma, torch.tensor([r])).backward()
+        baselines.nft_loss(v, v_old, x_sigma, x0, sigma, torch.tensor([r])).backward()
         stepped = x_sigma - sigma * (v.detach() - 0.01 * v.grad)
         assert ((stepped - x0).abs().sum() < (x_sigma - sigma * v_old - x0).abs().sum()) == closer
 
 
 def test_ema_schedules_of_eq8():
-    eta_old = lambda s: crd.ema_decay(s, 0.25, 0.005, 0.999)  # noqa: E731
-    eta_samp = lambda s: crd.ema_decay(s, 0.0, 0.0075, 0.999, delay=75)  # noqa: E731
+    eta_old = lambda s: crd.ema_decay(s, *crd.decay_schedule(crd.OCR_OLD_DECAY))  # noqa: E731
+    eta_samp = lambda s: crd.ema_decay(s, *crd.decay_schedule(crd.OCR_SAMPLER_DECAY))  # noqa: E731
     assert [eta_old(s) for s in (0, 100, 149, 1000)] == pytest.approx([0.25, 0.75, 0.995, 0.999])
     assert [eta_samp(s) for s in (0, 74, 75, 175, 1000)] == pytest.approx([0.0, 0.0, 0.0, 0.75, 0.999])
 
@@ -206,7 +208,7 @@ def test_at_theta_equal_old_nft_gradient_is_sigma_times_crd_and_sigma_weighting_
     def crd_of(weights):
         return lambda v: crd.crd_loss(crd.implicit_reward(v, v_old, eps - x0), r, 4, weights=weights)
 
-    nft = gradient(lambda v: crd.nft_loss(v, v_old, crd.interpolate(x0, eps, sigma), x0, sigma, r, beta=1.0))
+    nft = gradient(lambda v: baselines.nft_loss(v, v_old, crd.interpolate(x0, eps, sigma), x0, sigma, r, beta=1.0))
     uniform, weighted = gradient(crd_of(None)), gradient(crd_of(sigma))
     assert nft.abs().max() > 1e-3
     assert torch.allclose(nft, sigma.view(-1, 1, 1, 1) * uniform, rtol=1e-4, atol=1e-7)
@@ -235,14 +237,14 @@ def test_within_group_correlation_hand_values():
 def test_ranking_agreement_hand_values():
     # group 1: estimates (1, 2, 3) against rewards (1, 3, 2): pairs 2>1 and 3>1 agree, 3>2 does not -> 2/3, rho 0.5
     # group 2: estimates (0, 0, 1) against (0, 1, 2): the tie counts 1/2 -> 2.5/3, rho = corr of ranks = 0.866
-    result = crd.ranking_agreement(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 1.0]),
+    result = diagnostics.ranking_agreement(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 1.0]),
                                    torch.tensor([1.0, 3.0, 2.0, 0.0, 1.0, 2.0]), 3)
     assert result["per_group_accuracy"] == pytest.approx([2 / 3, 2.5 / 3])
     assert result["accuracy"] == pytest.approx(0.75)
     assert result["accuracy_se"] == pytest.approx(abs(2 / 3 - 2.5 / 3) / 2)  # std of two values / sqrt(2)
     assert result["spearman"] == pytest.approx((0.5 + math.sqrt(3) / 2) / 2)
     # a group whose rewards tie has no pair to order, and is left out
-    tied = crd.ranking_agreement(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)
+    tied = diagnostics.ranking_agreement(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)
     assert tied["per_group_accuracy"][0] != tied["per_group_accuracy"][0] and tied["accuracy"] == 1.0
 
 
@@ -274,16 +276,16 @@ def test_implicit_reward_estimates_rank_samples_of_a_tilted_mixture_by_the_tilt(
     x0 = (modes + MIXTURE_STD * torch.randn(256, generator=generator)).view(-1, 1, 1, 1)
     rewards = (x0.flatten() > 0).float()
     sigmas = torch.linspace(0.95, 0.05, 10)
-    estimates = crd.implicit_reward_estimates(
+    estimates = diagnostics.implicit_reward_estimates(
         mixture_velocity([0.2, 0.8]), {"ref": mixture_velocity([0.5, 0.5]), "self": mixture_velocity([0.2, 0.8])},
         x0, sigmas, draws=8, generator=torch.Generator().manual_seed(1), group_size=8)
-    assert crd.ranking_agreement(estimates["ref"][0], rewards, 8)["accuracy"] == 1.0
-    assert crd.ranking_agreement(estimates["ref"][0], -rewards, 8)["accuracy"] == 0.0
+    assert diagnostics.ranking_agreement(estimates["ref"][0], rewards, 8)["accuracy"] == 1.0
+    assert diagnostics.ranking_agreement(estimates["ref"][0], -rewards, 8)["accuracy"] == 0.0
     assert estimates["self"][0].abs().max() == 0 and estimates["self"][1].abs().max() == 0
-    assert crd.ranking_agreement(estimates["self"][0], rewards, 8)["accuracy"] == 0.5
+    assert diagnostics.ranking_agreement(estimates["self"][0], rewards, 8)["accuracy"] == 0.5
     assert (estimates["ref"][1] > 0).all()  # a standard error over draws
     with pytest.raises(ValueError, match="at least 2"):
-        crd.implicit_reward_estimates(mixture_velocity([0.5, 0.5]), {}, x0, sigmas, 1, generator, 8)
+        diagnostics.implicit_reward_estimates(mixture_velocity([0.5, 0.5]), {}, x0, sigmas, 1, generator, 8)
 
 
 @pytest.mark.parametrize("time_weighting", ["uniform", "sigma", "normalized-sigma"])
@@ -295,9 +297,8 @@ def test_time_weighting_reaches_crd_pass(monkeypatch, time_weighting):
         weight if adapter == "theta" else 1.0))
     x0, eps = randn(4, 1, 2, 2, seed=3), randn(4, 1, 2, 2, seed=4)
     sigmas, sigma = torch.tensor([0.9, 0.5, 0.1]), torch.full((4,), 0.9)
-    micro = {"x0": x0, "prompt_embeds": torch.zeros(4, 1, 1), "pooled": torch.zeros(4, 1),
-             "negative_embeds": torch.zeros(1, 1, 1), "negative_pooled": torch.zeros(1, 1),
-             "rewards_normalized": torch.tensor([0.2, 0.8, 0.4, 0.6]), "rewards_kl": torch.rand(4), "sigmas": sigmas}
+    micro = crd.Batch(x0, torch.zeros(4, 1, 1), torch.zeros(4, 1), torch.tensor([0.2, 0.8, 0.4, 0.6]),
+                      torch.rand(4), torch.zeros(1, 1, 1), torch.zeros(1, 1), sigmas)
 
     def losses(mode):
         cfg = dataclasses.replace(crd.Config(), group_size=2, time_weighting=mode)
@@ -316,28 +317,29 @@ def test_ema_caps_and_a_frozen_reference_in_move_snapshots():
     log = crd.move_snapshots(params, 10_000, cfg)
     assert log["ema/eta_old"] == log["ema/eta_sampler"] == 0.5 and log["ema/lag_old"] == 1.0
     assert params["old"][0].tolist() == [0.5, 0.5]
-    frozen = dataclasses.replace(cfg, old_decay_start=1.0, old_decay_max=1.0)
+    frozen = dataclasses.replace(cfg, old_decay="0-1-0-1")
     log = crd.move_snapshots(params, 10_000, frozen)
     assert params["old"][0].tolist() == [0.5, 0.5] and log["ema/lag_old"] == math.inf
     assert crd.move_snapshots(params, 0, crd.sd35m_ocr())["ema/eta_old"] == 0.25  # the recipe: uncapped at 0.999
 
 
-def test_reward_term_share_splits_a_hand_made_gradient():
-    """Total loss 3 w0 + (-4 w0 + 2 w1): g_R = (3, 0), g_KL = (-4, 2), cosine -12 / (3 sqrt(20))."""
+def test_gradient_split_splits_a_hand_made_gradient_and_leaves_backward_as_it_was():
+    """Total loss 3 w0 + (-4 w0 + 2 w1): g_R = (3, 0), g_KL = (-4, 2), cosine -12 / (3 sqrt(20)); the probe runs
+    before the backward, which then gives the total gradient (-1, 2) as without it."""
     w = torch.nn.Parameter(torch.zeros(2))
     loss_reward, loss_kl = 3 * w[0], -4 * w[0] + 2 * w[1]
-    share = crd.reward_term_share(loss_reward, [w], 1, torch.tensor([0.7]))
+    log = diagnostics.gradient_split(crd.Pass(loss_reward, loss_kl, None, None), [w], torch.tensor([0.7]))
     (loss_reward + loss_kl).backward()
-    log = share()
+    assert w.grad.tolist() == [-1.0, 2.0]
     assert log["grad/reward_norm"] == pytest.approx(3.0) and log["grad/kl_norm"] == pytest.approx(math.sqrt(20))
     assert log["grad/cos_reward_kl"] == pytest.approx(-12 / (3 * math.sqrt(20)))
     assert log["grad/sigma"] == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("shared_timesteps,group_noise", [(True, True), (False, False)])
-def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch, shared_timesteps, group_noise):
-    """With shared_timesteps every sample of a pass gets the same sigma; with group_noise the K samples of a prompt
-    get the same eps; off, both are drawn per sample. Read back from the x_sigma that reach the model."""
+@pytest.mark.parametrize("shared_timesteps", [True, False])
+def test_update_shares_sigma_per_pass_when_asked_and_draws_noise_per_sample(monkeypatch, shared_timesteps):
+    """With shared_timesteps every sample of a pass gets the same sigma, off one per sample; eps is drawn per sample
+    (the K samples of a prompt get different eps). Read back from the x_sigma that reach the model."""
     seen = []
     weight = torch.nn.Parameter(torch.ones(()))
 
@@ -348,12 +350,10 @@ def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch
 
     monkeypatch.setattr(crd, "velocity", fake_velocity)
     cfg = dataclasses.replace(crd.Config(), group_size=2, micro_batch_size=4, train_timesteps=2,
-                              optimizer_steps_per_iteration=2, shared_timesteps=shared_timesteps,
-                              group_noise=group_noise)
+                              optimizer_steps_per_iteration=2, shared_timesteps=shared_timesteps)
     x0 = randn(8, 1, 2, 2, seed=3)
-    batch = {"x0": x0, "prompt_embeds": torch.zeros(8, 1, 1), "pooled": torch.zeros(8, 1),
-             "negative_embeds": torch.zeros(1, 1, 1), "negative_pooled": torch.zeros(1, 1),
-             "rewards_normalized": torch.rand(8), "rewards_kl": torch.rand(8), "sigmas": torch.linspace(1, 0.1, 9)}
+    batch = crd.Batch(x0, torch.zeros(8, 1, 1), torch.zeros(8, 1), torch.rand(8), torch.rand(8), torch.zeros(1, 1, 1),
+                      torch.zeros(1, 1), torch.linspace(1, 0.1, 9))
     crd.update(None, {"theta": [weight]}, torch.optim.SGD([weight], lr=0.0), batch, cfg,
                torch.Generator().manual_seed(0), contextlib.nullcontext(), {"iteration": 0, "step": 0}, 2)
     assert len(seen) == 4  # 2 micro-batches x 2 timesteps
@@ -363,7 +363,7 @@ def test_update_shares_sigma_per_pass_and_noise_per_group_when_asked(monkeypatch
         if shared_timesteps:  # drawn per sample, two may coincide by chance: checked over all passes below
             assert len(set(sigma.tolist())) == 1
         same_in_groups = all(torch.allclose(eps[i], eps[i + 1], atol=1e-5) for i in (0, 2))
-        assert same_in_groups == group_noise
+        assert not same_in_groups
     if not shared_timesteps:
         assert any(len(set(sigma.tolist())) > 1 for _, sigma in seen)
 
@@ -608,8 +608,22 @@ def test_baseline_and_reward_free_control_objectives_train_end_to_end(tmp_path, 
     assert lora_moved(checkpoint["lora"]["theta"])
 
 
-def test_slow_reference_and_sampler_off_copy_theta_and_log_zero_decay(tmp_path):
-    metrics = crd.main(tiny_config(tmp_path, iterations=1, slow_reference=False, decoupled_sampler=False))
+def test_the_gradient_split_probe_logs_the_split_and_changes_nothing_the_run_trains(tmp_path):
+    plain = crd.main(tiny_config(tmp_path / "plain", iterations=1))
+    probed = crd.main(tiny_config(tmp_path / "probed", iterations=1), probe=diagnostics.gradient_split)
+    assert {k: v for k, v in probed[0].items() if not k.startswith(("grad/", "time/"))} == {
+        k: v for k, v in plain[0].items() if not k.startswith("time/")}
+    assert probed[0]["grad/reward_norm"] > 0 and probed[0]["grad/kl_norm"] > 0
+    assert -1 <= probed[0]["grad/cos_reward_kl"] <= 1
+    loras = [torch.load(tmp_path / run / "test" / "checkpoint.pt", weights_only=True)["lora"]["theta"]
+             for run in ("plain", "probed")]
+    assert all(torch.equal(a, b) for a, b in zip(*loras))
+
+
+def test_zero_decays_make_both_snapshots_copies_of_theta(tmp_path):
+    """eta 0 (no slow reference: --old-decay 0-0-0-0; no decoupled sampler: --sampler-decay 0-0-0-0) leaves old and
+    sampler equal to theta after every iteration."""
+    metrics = crd.main(tiny_config(tmp_path, iterations=1, old_decay="0-0-0-0", sampler_decay="0-0-0-0"))
     assert metrics[0]["ema/eta_old"] == metrics[0]["ema/eta_sampler"] == 0.0
     lora = torch.load(tmp_path / "test" / "checkpoint.pt", weights_only=True)["lora"]
     assert lora_moved(lora["theta"])
@@ -617,16 +631,14 @@ def test_slow_reference_and_sampler_off_copy_theta_and_log_zero_decay(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(lora[name], lora["theta"])), name
 
 
-def test_nonfinite_loss_stops_with_iteration_and_step_or_is_skipped_and_counted(tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_with_iteration_and_step(tmp_path, monkeypatch):
     monkeypatch.setattr(crd, "distillation_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="non-finite loss nan at iteration 0, optimizer step 0"):
         crd.main(tiny_config(tmp_path / "stop", iterations=1))
-    metrics = crd.main(tiny_config(tmp_path / "skip", iterations=1, skip_nonfinite=True))
-    assert metrics[0]["train/skipped"] == 2  # both passes skipped; the optimizer steps found no gradient
 
 
 def test_nonfinite_weights_are_never_saved_and_the_last_finite_checkpoint_is_named(tmp_path, monkeypatch):
-    """--learning-rate too large with --skip-nonfinite used to finish with inf / nan LoRA weights saved."""
+    """Weights that turn inf / nan in an iteration stop the run before that iteration saves anything."""
     move = crd.move_snapshots
 
     def poisoned(params, step, cfg):  # theta becomes non-finite in iteration 1 (optimizer steps 3-4)
@@ -637,14 +649,14 @@ def test_nonfinite_weights_are_never_saved_and_the_last_finite_checkpoint_is_nam
     monkeypatch.setattr(crd, "move_snapshots", poisoned)
     with pytest.raises(plumbing.NonFiniteWeights, match="non-finite LoRA weights of theta after iteration 1, "
                                                           "optimizer step 4 \\(not saved\\)"):
-        crd.main(tiny_config(tmp_path, iterations=3, skip_nonfinite=True))
+        crd.main(tiny_config(tmp_path, iterations=3))
     run = tmp_path / "test"
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     assert checkpoint["state"]["iteration"] == 1 and all(torch.isfinite(t).all() for t in checkpoint["lora"]["theta"])
     assert not (run / "lora").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
-    assert plumbing.last_good_state(str(run / "checkpoint.pt"), skippable=False) == (
+    assert plumbing.last_good_state(str(run / "checkpoint.pt")) == (
         f"the last good state is {run / 'checkpoint.pt'}, at iteration 1 (resume with --resume auto, with other "
-        f"settings)")
+        f"settings, e.g. a smaller --learning-rate)")
     assert plumbing.last_good_state(str(tmp_path / "none.pt")).startswith("no checkpoint was written before it")
 
 

@@ -39,7 +39,7 @@ def test_ocr_rewards_read_clean_renders_and_score_blank_zero(name, detect_text):
 
     font = ImageFont.truetype(font_path(), 20)
     words = ["hello", "crd", "text", "quick"]
-    fn = reward.make_reward(name, detect_text=detect_text)
+    fn = reward.make_reward(name, options={name: {"detect_text": detect_text}})
     rewards, info = fn([render(w, font) for w in words] + [Image.new("RGB", (96, 32), "white")],
                        [f'"{w}"' for w in words] + ['"blank"'])
     assert rewards.shape == (5,) and rewards.dtype == torch.float32
@@ -60,8 +60,8 @@ def test_ocr_reward_scores_a_failing_image_zero_and_raises_when_all_fail():
 
 def test_easyocr_quantisation_is_applied_under_warnings_as_errors_and_its_failure_is_an_error(monkeypatch):
     """EasyOCR quantises its recogniser inside a bare except: PYTHONWARNINGS=error, or a torch without the
-    quantisation API, silently left it fp32 (other rewards). Here it is chosen (--ocr-quantize, on by default),
-    stated in the run's first line and in its config, and a failure stops the run."""
+    quantisation API, silently left it fp32 (other rewards). Here it is chosen (the reward option ocr.quantize, on by
+    default), stated in the run's first line and in its config, and a failure stops the run."""
     import warnings
 
     reader = type("Reader", (), {})()
@@ -75,15 +75,18 @@ def test_easyocr_quantisation_is_applied_under_warnings_as_errors_and_its_failur
         raise AttributeError("module 'torch.ao' has no attribute 'quantization'")
 
     monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", broken)
-    with pytest.raises(reward.RewardError, match="quantisation of its recogniser failed .*--no-ocr-quantize"):
+    with pytest.raises(reward.RewardError, match="quantisation of its recogniser failed .*ocr.quantize=false"):
         reward.ocr_reward(detect_text=False)
-    with pytest.raises(crd.InputError, match="--no-ocr-quantize"):  # one line on the command line
-        plumbing.make_rewards(crd.Config(eval_rewards=""), "cpu")
+    with pytest.raises(crd.InputError, match="ocr.quantize=false"):  # one line on the command line
+        plumbing.make_rewards(plumbing.parse_rewards(crd.Config(eval_rewards="")), "cpu")
     monkeypatch.undo()
-    assert "EasyOCR's recogniser int8-quantised on a CPU (--ocr-quantize)" in plumbing.reward_line(crd.Config())
-    assert "fp32 (--no-ocr-quantize)" in plumbing.reward_line(crd.Config(ocr_quantize=False))
-    with pytest.raises(ValueError, match="ocr takes model_dir"):  # one way to set it: --ocr-quantize
-        reward.parse_reward_options("ocr.quantize=false")
+
+    def line(cfg):
+        return plumbing.reward_line(cfg, plumbing.parse_rewards(cfg))
+    assert "EasyOCR's recogniser int8-quantised on a CPU (ocr.quantize=true)" in line(crd.Config())
+    assert "fp32 (ocr.quantize=false)" in line(crd.Config(reward_options="ocr.quantize=false"))
+    assert reward.parse_reward_options("ocr.quantize=false") == {"ocr": {"detect_text": False, "quantize": False},
+                                                                 "ppocr": {"detect_text": False}}
 
 
 def test_ocr_model_dir_without_the_weights_is_refused_before_loading(tmp_path):
@@ -115,7 +118,7 @@ def test_reward_specs_weighted_sums_and_per_reward_prompt_checks():
 
 def test_weighted_sum_of_rewards_logs_each_term_and_stays_in_range(tmp_path):
     """--reward ocr:1,ink:0.5 trains on (r_ocr + 0.5 r_ink) / 1.5 and logs both terms, for 2 iterations."""
-    metrics = crd.main(tiny_config(tmp_path, reward="ocr:1,ink:0.5", ocr_detection=False))
+    metrics = crd.main(tiny_config(tmp_path, reward="ocr:1,ink:0.5"))
     assert len(metrics) == 2
     for m in metrics:
         assert m["reward/mean"] == pytest.approx((m["reward/ocr"] + 0.5 * m["reward/ink"]) / 1.5, abs=1e-5)
@@ -232,3 +235,25 @@ def test_random_clip_rewards_are_deterministic_and_in_range(clip_dir):
         second, _ = factory()(images, texts)
         assert first.shape == (3,) and ((first >= 0) & (first <= 1)).all()
         assert torch.equal(first, second)
+
+
+def test_a_custom_reward_written_from_the_contract_alone_trains_one_iteration(tmp_path, monkeypatch):
+    """reward.py's docstring is the whole contract: this factory follows it and nothing else (no helper of this
+    repository), is registered by name, passes the prompt check and trains one CRD iteration."""
+    import numpy as np
+
+    def brightness_reward(device="cpu", target="0.5"):  # an option: --reward-options brightness.target=0.3
+        goal = float(target)
+
+        def fn(images, prompts):
+            assert len(images) == len(prompts) and all(isinstance(p, str) for p in prompts)
+            means = [np.asarray(image.convert("L"), dtype=np.float32).mean() / 255.0 for image in images]
+            rewards = torch.tensor([1.0 - abs(m - goal) for m in means], dtype=torch.float32).clamp(0.0, 1.0)
+            return rewards, {"brightness/mean": float(np.mean(means))}
+        return fn
+
+    monkeypatch.setitem(reward.REWARDS, "brightness", brightness_reward)
+    metrics = crd.main(tiny_config(tmp_path, reward="brightness", reward_options="brightness.target=0.3",
+                                   iterations=1))
+    assert 0 <= metrics[0]["reward/mean"] <= 1 and 0 <= metrics[0]["reward/brightness/mean"] <= 1
+    assert math.isfinite(metrics[0]["loss/crd"]) and metrics[0]["train/step"] == 2

@@ -29,14 +29,15 @@ def main(argv=None):
     cfg = crd.tiny_geneval()
     pipe = plumbing.load_pipeline(args.model)
     prompts = plumbing.read_prompts(args.prompts)[: args.count]
-    images = crd.generate(pipe, prompts, range(len(prompts)), cfg.height, cfg.width, cfg.eval_num_steps, 1.0,
-                          cfg.max_sequence_length)
+    images = plumbing.generate(pipe, prompts, range(len(prompts)), cfg.height, cfg.width, cfg.eval_num_steps, 1.0,
+                               cfg.max_sequence_length)
     (trained, trained_info), (unseen, unseen_info) = (reward.make_reward(name)(images, prompts)
                                                       for name in ("geneval_shapes", "geneval_shapes_poly"))
     verdicts = trained_info["geneval/correct"].numpy(), unseen_info["geneval/correct"].numpy()
     print(f"{len(prompts)} samples: partial credit {trained.mean():.3f} (geneval_shapes) vs {unseen.mean():.3f} "
           f"(geneval_shapes_poly), per-image correlation {np.corrcoef(trained, unseen)[0, 1]:.2f}; GenEval verdict "
-          f"{verdicts[0].mean():.3f} vs {verdicts[1].mean():.3f}, the same on {np.mean(verdicts[0] == verdicts[1]):.0%}")
+          f"{verdicts[0].mean():.3f} vs {verdicts[1].mean():.3f}, the same on "
+          f"{np.mean(verdicts[0] == verdicts[1]):.0%}")
 
 
 if __name__ == "__main__":

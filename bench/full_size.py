@@ -123,7 +123,7 @@ def run(args, workdir, full, device):
     cfg = dataclasses.replace(crd.sd35m_ocr(), model=model, prompts=prompts, eval_prompts=prompts,
                               eval_count=args.eval_count if full else 2, eval_every=0, eval_rewards="",
                               reward=args.reward, iterations=args.iterations, output_dir=workdir,
-                              run_name="bench", checkpoint_every=args.iterations, sample_every=10**6, overwrite=True,
+                              run_name="bench", sample_every=10**6, overwrite=True,
                               **sizes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -38,7 +38,9 @@ import torch  # noqa: E402
 from torch.optim import optimizer as optimizer_hooks  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
+import baselines  # noqa: E402
 import crd  # noqa: E402
+import diagnostics  # noqa: E402
 import plumbing  # noqa: E402
 
 LOOP = "loop"  # the top-level phase of time spent in no wrapped function (main's own lines, tqdm)
@@ -178,11 +180,61 @@ def model_shape(cfg):
 
 
 # -- instrumenting crd.main from the outside ---------------------------------------------------------------------
+LOSS = "loss terms (Eqs. 5, 7, 9, 10)"
+TEXT, EULER, DECODE = "text encoding", "transformer forwards (Euler steps)", "VAE decode"
+
+
+def reward_name(rewards):
+    """The trained reward of a plumbing.Rewards as --reward spells it ('ocr', 'ocr:1,ink:0.5')."""
+    return ",".join(name if weight == 1 else f"{name}:{weight:g}" for name, weight in rewards.trained)
+
+
+def patches_for(phases):
+    """The mock patches that time crd's, plumbing's, diagnostics' and baselines' functions as phases of `phases`
+    (all but RunDirectory.progress, see `instrumented`). Each function is patched where it is looked up: the
+    sampling functions in crd (for crd.rollout, also inside the implicit-reward check) and in plumbing (for
+    plumbing.generate and PromptCache), velocity in crd (crd_pass), baselines (their passes) and diagnostics (the
+    implicit-reward check of each evaluation), and the pass function as crd.loss_pass hands it to crd.main."""
+    w = phases.wrap
+    original_make_rewards, original_loss_pass = crd.make_rewards, crd.loss_pass
+
+    def make_rewards(rewards, device, rank=0):
+        reward_fn, unseen = original_make_rewards(rewards, device, rank)
+        spec = reward_name(rewards)
+        return (w(reward_fn, f"{spec} reward (EasyOCR)" if spec == "ocr" else f"{spec} reward"),
+                {name: w(fn, f"{name} (unseen metric)") for name, fn in unseen.items()})
+
+    def loss_pass(objective):
+        one_pass, name = original_loss_pass(objective)
+        return w(one_pass, LOSS), name
+
+    velocity = w(crd.velocity, lambda transformer, adapter, *a, **k: VELOCITY[adapter])
+    sampling = [(module, name, w(getattr(module, name), phase)) for module in (crd, plumbing)
+                for name, phase in (("encode_prompts", TEXT), ("sample_latents", EULER), ("decode_latents", DECODE))]
+    return [
+        mock.patch.object(plumbing.RunDirectory, "evaluate", w(plumbing.RunDirectory.evaluate, "evaluation")),
+        mock.patch.object(plumbing.RunDirectory, "end_iteration",
+                          w(plumbing.RunDirectory.end_iteration, "grids, checkpoint, log")),
+        mock.patch.object(crd, "make_rewards", make_rewards),
+        mock.patch.object(crd, "rollout", w(crd.rollout, "rollout")),
+        mock.patch.object(crd, "score", w(crd.score, "reward")),
+        mock.patch.object(crd, "update", w(crd.update, "train")),
+        mock.patch.object(crd, "move_snapshots", w(crd.move_snapshots, "EMA snapshots (Eq. 8)")),
+        *(mock.patch.object(module, name, timed) for module, name, timed in sampling),
+        *(mock.patch.object(module, "velocity", velocity) for module in (crd, baselines, diagnostics)),
+        mock.patch.object(crd, "loss_pass", loss_pass),
+        mock.patch.object(crd, "summarize", w(crd.summarize, "pass diagnostics")),
+        mock.patch.object(crd, "pass_log", w(crd.pass_log, "pass diagnostics")),
+        mock.patch.object(torch.nn.utils, "clip_grad_norm_", w(torch.nn.utils.clip_grad_norm_, "clip gradient norm")),
+        mock.patch.object(torch.Tensor, "backward", w(torch.Tensor.backward, "θ backward")),
+    ]
+
+
 @contextlib.contextmanager
 def instrumented(phases, on_iteration):
-    """Wrap crd's and plumbing's functions as phases of `phases` for the duration; on_iteration(i) is called as
-    iteration i starts. Raises AttributeError (at once) if a wrapped name is gone from crd.py or plumbing.py."""
-    w = phases.wrap
+    """Wrap crd's, plumbing's, diagnostics' and baselines' functions as phases of `phases` for the duration
+    (`patches_for`); on_iteration(i) is called as iteration i starts. Raises AttributeError (at once) if a wrapped
+    name is gone from those modules."""
     original_progress = plumbing.RunDirectory.progress
 
     def progress(self, first):
@@ -191,39 +243,12 @@ def instrumented(phases, on_iteration):
             yield iteration
         on_iteration(None)  # the loop is over: what follows (the LoRA, the curves) is no iteration's
 
-    def rewards(cfg, device, rank=0):
-        reward_fn, unseen = original_make_rewards(cfg, device, rank)
-        return (w(reward_fn, f"{cfg.reward} reward (EasyOCR)" if cfg.reward == "ocr" else f"{cfg.reward} reward"),
-                {name: w(fn, f"{name} (unseen metric)") for name, fn in unseen.items()})
-
-    original_make_rewards, original_backward = crd.make_rewards, torch.Tensor.backward
-    original_objectives = dict(crd.OBJECTIVES)
-    patches = [
-        mock.patch.object(plumbing.RunDirectory, "progress", progress),
-        mock.patch.object(plumbing.RunDirectory, "evaluate", w(plumbing.RunDirectory.evaluate, "evaluation")),
-        mock.patch.object(plumbing.RunDirectory, "end_iteration",
-                          w(plumbing.RunDirectory.end_iteration, "grids, checkpoint, log")),
-        mock.patch.object(crd, "make_rewards", rewards),
-        mock.patch.object(crd, "rollout", w(crd.rollout, "rollout")),
-        mock.patch.object(crd, "score", w(crd.score, "reward")),
-        mock.patch.object(crd, "update", w(crd.update, "train")),
-        mock.patch.object(crd, "move_snapshots", w(crd.move_snapshots, "EMA snapshots (Eq. 8)")),
-        mock.patch.object(crd, "encode_prompts", w(crd.encode_prompts, "text encoding")),
-        mock.patch.object(crd, "sample_latents", w(crd.sample_latents, "transformer forwards (Euler steps)")),
-        mock.patch.object(crd, "decode_latents", w(crd.decode_latents, "VAE decode")),
-        mock.patch.object(crd, "velocity", w(crd.velocity, lambda transformer, adapter, *a, **k: VELOCITY[adapter])),
-        mock.patch.object(crd, "reward_term_share", w(crd.reward_term_share, "grad split: extra backward (grad/*)")),
-        mock.patch.object(crd, "pass_diagnostics", w(crd.pass_diagnostics, "pass diagnostics")),
-        mock.patch.dict(crd.OBJECTIVES, {k: w(v, "loss terms (Eqs. 5, 7, 9, 10)") for k, v in
-                                         original_objectives.items()}),
-        mock.patch.object(torch.nn.utils, "clip_grad_norm_", w(torch.nn.utils.clip_grad_norm_, "clip gradient norm")),
-        mock.patch.object(torch.Tensor, "backward", w(original_backward, "θ backward")),
-    ]
-    hooks = [optimizer_hooks.register_optimizer_step_pre_hook(lambda *a: phases.enter("AdamW step")),
-             optimizer_hooks.register_optimizer_step_post_hook(lambda *a: phases.exit())]
+    patches = [mock.patch.object(plumbing.RunDirectory, "progress", progress), *patches_for(phases)]
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
+        hooks = [optimizer_hooks.register_optimizer_step_pre_hook(lambda *a: phases.enter("AdamW step")),
+                 optimizer_hooks.register_optimizer_step_post_hook(lambda *a: phases.exit())]
         try:
             yield
         finally:

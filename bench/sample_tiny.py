@@ -18,7 +18,7 @@ prompts = plumbing.read_prompts(os.path.join(crd.TINY_DATA, "heldout.txt"))[:16]
 times = []
 for run in range(6):
     start = time.perf_counter()
-    images = crd.generate(pipe, prompts, range(16), 32, 96, 10, 1.0, 2)
+    images = plumbing.generate(pipe, prompts, range(16), 32, 96, 10, 1.0, 2)
     if run:
         times.append(time.perf_counter() - start)
 print(f"16 images, 10 steps, no CFG: median {statistics.median(times):.2f}s over {len(times)} runs "

@@ -47,7 +47,6 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import crd  # noqa: E402
 import plumbing  # noqa: E402
 from reward import make_reward  # noqa: E402
 
@@ -223,7 +222,9 @@ WORLDS = {"text": {"height": HEIGHT, "width": WIDTH, "max_length": 9, "words": N
                      "data_dir": os.path.join(ROOT, "data", "tiny_geneval"), "keep_step": 3500}}
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, with the world's defaults filled in (--out, --data-dir, --keep-step); exits with a message
+    for a --keep-step that is no validated step."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", default="text", choices=sorted(WORLDS), help="what the model draws")
     parser.add_argument("--out", default="", help="where the pipeline goes (default: the world's assets/ folder)")
@@ -245,7 +246,7 @@ def main():
     parser.add_argument("--keep-step", type=int, default=-1,
                         help="keep this validated step and stop there (0: keep the one closest to --target-reward; "
                              "default: the shipped model's step of the world)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     world = WORLDS[args.world]
     args.out = args.out or world["out"]
     args.data_dir = args.data_dir or world["data_dir"]
@@ -254,6 +255,100 @@ def main():
                                and (args.keep_step - args.eval_from) % args.eval_every == 0):
         parser.error(f"--keep-step {args.keep_step} is not a validated step: use {args.eval_from} + a multiple of "
                      f"--eval-every {args.eval_every}, at most --steps {args.steps}")
+    return args
+
+
+def standardized_latents(vae, images):
+    """Step (3): encode the images (N, 3, H, W) with the trained VAE (posterior modes) and write their mean and
+    1 / std into its config as shift_factor / scaling_factor (the pipeline un-does this before decoding). Returns
+    (the standardised latents (N, 4, H / 2, W / 2), shift, scale)."""
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
+    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return (latents - shift) * scale, shift, scale
+
+
+def flow_step(pipe, optimizer, warmup, latents, train_prompts, batch_size, generator):
+    """One step of step (4): a batch of latents with 10 % of its prompts dropped (for CFG), the rectified-flow loss
+    (docs/method.md Eqs. 1-2, logit-normal sigma) of the transformer and both text encoders, an AdamW step. Returns
+    the loss."""
+    index = torch.randint(len(latents), (batch_size,), generator=generator)
+    prompts = ["" if torch.rand((), generator=generator) < 0.1 else train_prompts[i] for i in index.tolist()]
+    x0 = latents[index]
+    eps = torch.randn(x0.shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=generator)).view(-1, 1, 1, 1)  # logit-normal
+    x_sigma = (1 - sigma) * x0 + sigma * eps  # Eq. (1)
+    embeds, pooled = plumbing.encode_prompts(pipe, prompts, MAX_SEQUENCE_LENGTH)
+    v = pipe.transformer(hidden_states=x_sigma, timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds,
+                         pooled_projections=pooled, return_dict=False)[0]
+    loss = F.mse_loss(v, eps - x0)  # Eq. (2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    warmup.step()
+    return loss
+
+
+def validate(pipe, world, reward_fn, val_prompts, step, started):
+    """Step (5): score the model on the validation prompts (10 Euler steps, no CFG, seeds 10,000 + i), print it.
+    Returns the history entry of `step`."""
+    images_for = functools.partial(plumbing.generate, pipe, height=world["height"], width=world["width"],
+                                   num_steps=10, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    result = plumbing.evaluate(images_for, reward_fn, val_prompts, seed=10_000)
+    entry = {"step": step, "val_reward": result["reward"], "val_exact": result["exact"],
+             "seconds": round(time.time() - started)} | result["tag_mean"]
+    print(f"step {step}: validation {world['reward']} reward {result['reward']:.3f} "
+          f"(exact {result['exact']:.3f}{''.join(f', {k} {v:.3f}' for k, v in result['tag_mean'].items())}) "
+          f"at {time.time() - started:.0f}s", flush=True)
+    return entry
+
+
+def train_transformer(pipe, latents, train_prompts, val_prompts, reward_fn, world, args, generator, started):
+    """Steps (4)-(5): train transformer + text encoders (`flow_step`), and every --eval-every steps from --eval-from
+    on validate and keep a copy of their weights (also saved to --snapshot-dir); stops at --keep-step (or, with
+    --keep-step 0, past --stop-reward). Returns (the modules, the history, {step: the modules' state dicts})."""
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
+    parameters = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    history, snapshots = [], {}
+    for step in (bar := tqdm(range(1, args.steps + 1), desc="transformer", mininterval=5)):
+        for m in modules:
+            m.train()
+        loss = flow_step(pipe, optimizer, warmup, latents, train_prompts, args.batch_size, generator)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step >= args.eval_from and (step - args.eval_from) % args.eval_every == 0:
+            for m in modules:
+                m.eval()
+            history.append(validate(pipe, world, reward_fn, val_prompts, step, started))
+            snapshots[step] = [copy.deepcopy(m.state_dict()) for m in modules]
+            if args.snapshot_dir:  # a full pipeline per snapshot, to compare candidate bases afterwards
+                pipe.save_pretrained(os.path.join(args.snapshot_dir, f"step_{step}"), safe_serialization=True)
+            if step == args.keep_step or (not args.keep_step and history[-1]["val_reward"] > args.stop_reward):
+                break
+    return modules, history, snapshots
+
+
+def save_selected(pipe, modules, history, snapshots, args, started):
+    """Step (6): load the snapshot at --keep-step (where training stopped) or the one closest to --target-reward,
+    save the pipeline to --out with pretrain_log.json, and remove the temporary tokenizer folder."""
+    best = history[-1] if args.keep_step else min(history, key=lambda h: abs(h["val_reward"] - args.target_reward))
+    for m, state in zip(modules, snapshots[best["step"]]):
+        m.load_state_dict(state)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    shutil.rmtree(args.out + ".tmp", ignore_errors=True)
+    with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
+        json.dump({"args": vars(args), "history": history, "selected_step": best["step"],
+                   "total_seconds": round(time.time() - started)}, f, indent=1)
+    print(f"saved step {best['step']} (validation reward {best['val_reward']:.3f}) to {args.out} "
+          f"in {time.time() - started:.0f}s", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = WORLDS[args.world]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -270,72 +365,17 @@ def main():
     train_vae(pipe.vae, images, args.vae_steps, args.batch_size, args.lr, generator)
     pipe.vae.eval().requires_grad_(False)
 
-    # (3) latents, standardised through the VAE config (the pipeline un-does this before decoding)
-    with torch.no_grad():
-        latents = torch.cat([pipe.vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
-    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = (latents - shift) * scale  # (N, 4, H / 2, W / 2)
+    # (3) latents, standardised through the VAE config
+    latents, shift, scale = standardized_latents(pipe.vae, images)
     reward_fn = make_reward(world["reward"])  # how well it scores the VAE's reconstructions bounds later rewards
-    check = reward_fn(crd.decode_latents(pipe, latents[:64]), train_prompts[:64])[0].mean()
+    check = reward_fn(plumbing.decode_latents(pipe, latents[:64]), train_prompts[:64])[0].mean()
     print(f"vae reconstructions: {world['reward']} reward {check:.3f} on 64 training images", flush=True)
     print(f"vae done at {time.time() - started:.0f}s; latent shift {shift:.4f} scale {scale:.4f}", flush=True)
 
-    # (4) transformer + text encoders, rectified flow (docs/method.md Eqs. 1-2), prompt dropout for CFG
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
-    parameters = [p for m in modules for p in m.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
-    history, snapshots = [], {}
-    for step in (bar := tqdm(range(1, args.steps + 1), desc="transformer", mininterval=5)):
-        for m in modules:
-            m.train()
-        index = torch.randint(len(latents), (args.batch_size,), generator=generator)
-        prompts = ["" if torch.rand((), generator=generator) < 0.1 else train_prompts[i] for i in index.tolist()]
-        x0 = latents[index]
-        eps = torch.randn(x0.shape, generator=generator)
-        sigma = torch.sigmoid(torch.randn(len(x0), generator=generator)).view(-1, 1, 1, 1)  # logit-normal
-        x_sigma = (1 - sigma) * x0 + sigma * eps  # Eq. (1)
-        embeds, pooled = crd.encode_prompts(pipe, prompts, MAX_SEQUENCE_LENGTH)
-        v = pipe.transformer(hidden_states=x_sigma, timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds,
-                             pooled_projections=pooled, return_dict=False)[0]
-        loss = F.mse_loss(v, eps - x0)  # Eq. (2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        warmup.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-
-        # (5) validation and snapshots
-        if step >= args.eval_from and (step - args.eval_from) % args.eval_every == 0:
-            for m in modules:
-                m.eval()
-            images_for = functools.partial(crd.generate, pipe, height=world["height"], width=world["width"],
-                                           num_steps=10, max_sequence_length=MAX_SEQUENCE_LENGTH)
-            result = plumbing.evaluate(images_for, reward_fn, val_prompts, seed=10_000)
-            history.append({"step": step, "val_reward": result["reward"], "val_exact": result["exact"],
-                            "seconds": round(time.time() - started)} | result["tag_mean"])
-            print(f"step {step}: validation {world['reward']} reward {result['reward']:.3f} "
-                  f"(exact {result['exact']:.3f}{''.join(f', {k} {v:.3f}' for k, v in result['tag_mean'].items())}) "
-                  f"at {time.time() - started:.0f}s", flush=True)
-            snapshots[step] = [copy.deepcopy(m.state_dict()) for m in modules]
-            if args.snapshot_dir:  # a full pipeline per snapshot, to compare candidate bases afterwards
-                pipe.save_pretrained(os.path.join(args.snapshot_dir, f"step_{step}"), safe_serialization=True)
-            if step == args.keep_step or (not args.keep_step and result["reward"] > args.stop_reward):
-                break
-
-    # (6) keep the snapshot at --keep-step (where the loop stopped) or the one closest to the target reward; save it
-    best = history[-1] if args.keep_step else min(history, key=lambda h: abs(h["val_reward"] - args.target_reward))
-    for m, state in zip(modules, snapshots[best["step"]]):
-        m.load_state_dict(state)
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    shutil.rmtree(args.out + ".tmp", ignore_errors=True)
-    with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
-        json.dump({"args": vars(args), "history": history, "selected_step": best["step"],
-                   "total_seconds": round(time.time() - started)}, f, indent=1)
-    print(f"saved step {best['step']} (validation reward {best['val_reward']:.3f}) to {args.out} "
-          f"in {time.time() - started:.0f}s", flush=True)
+    # (4)-(5) transformer + text encoders, validation and snapshots; (6) the kept snapshot
+    modules, history, snapshots = train_transformer(pipe, latents, train_prompts, val_prompts, reward_fn, world,
+                                                    args, generator, started)
+    save_selected(pipe, modules, history, snapshots, args, started)
 
 
 if __name__ == "__main__":
