@@ -73,8 +73,8 @@ TINY_DATA = os.path.join(HERE, "data", "tiny_ocr")
 SHAPES_MODEL = os.path.join(HERE, "assets", "tiny-sd3-shapes")  # the GenEval task's model
 MODEL_HINTS = {SHAPES_MODEL: "make it with `python tools/pretrain_tiny.py --world shapes` (~30 min on 2 cores)"}
 LORA_TARGETS = ",".join(f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                                     "add_v_proj", "to_add_out"))  # joint attention (SD3.5-M's attn2
-                                                                                  # layers get none, as Flow-Factory)
+                                                     "add_v_proj", "to_add_out"))  # joint attention only (SD3.5-M's
+                                                                                  # attn2 layers get none)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,9 +195,9 @@ def decay_schedule(text, flag=""):
     match = DECAY.fullmatch(text.strip().lower())
     delay, start, rate, maximum = (int(match[1]), *map(float, match.groups()[1:])) if match else (0, -1, 0, 0)
     if not (0 <= start <= 1 and 0 <= maximum <= 1):
-        raise InputError(f"{flag + ' ' if flag else ''}EMA decay schedule {text!r}: write DELAY-START-RATE-MAX with DELAY an integer >= 0, START "
-                         f"and MAX in [0, 1] and RATE >= 0, e.g. 0-0.25-0.005-0.5 (eta = 0 for s < DELAY, then "
-                         f"min(START + RATE (s - DELAY), MAX))")
+        raise InputError(f"{flag + ' ' if flag else ''}EMA decay schedule {text!r}: write DELAY-START-RATE-MAX with "
+                         f"DELAY an integer >= 0, START and MAX in [0, 1] and RATE >= 0, e.g. 0-0.25-0.005-0.5 (eta "
+                         f"= 0 for s < DELAY, then min(START + RATE (s - DELAY), MAX))")
     return delay, start, rate, maximum
 
 
@@ -241,7 +241,7 @@ Sizes = collections.namedtuple("Sizes", "samples passes n_accum")  # per process
 PositiveInt, PositiveFloat = Annotated[int, "> 0"], Annotated[float, "> 0"]
 NonNegativeInt, NonNegativeFloat = Annotated[int, ">= 0"], Annotated[float, ">= 0"]
 UnitInterval = Annotated[float, "(0, 1]"]
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # AdamW's defaults, as in Flow-Factory's OCR config
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # AdamW's defaults (docs/port_comparison.md)
 
 
 def option(default, help):
@@ -273,7 +273,7 @@ class Config:
     lora_targets: str = option(LORA_TARGETS, "comma-separated transformer module names that get LoRA")
     # sampling (Alg. 1, line 2: Euler ODE rollouts from the sampler snapshot, no CFG)
     prompts: str = option(os.path.join(TINY_DATA, "train.txt"), "training prompts, one per line (OCR target quoted)")
-    max_prompts: NonNegativeInt = option(0, "train on the first N prompts only (Flow-Factory's cap); 0 = all")
+    max_prompts: NonNegativeInt = option(0, "train on the first N prompts only; 0 = all")
     prompts_per_iteration: PositiveInt = option(8, "P: prompts drawn per iteration")
     group_size: PositiveInt = option(8, "K: samples per prompt; centring (Eq. 7) needs K >= 2")
     num_steps: PositiveInt = option(10, "Euler steps of a rollout")
@@ -302,7 +302,7 @@ class Config:
         "sigma", "lambda of Eq. (7): sigma, sigma / mean training sigma, or 1")
     train_timesteps: PositiveInt = option(3, "T: training timesteps per sample per iteration")
     timestep_draw: Literal["random", "stratified"] = option(
-        "random", "T distinct steps at random, or stratified as Flow-Factory (draw_timesteps)")
+        "random", "T distinct steps at random, or a fixed stratified draw (draw_timesteps)")
     shared_timesteps: bool = option(True, "all samples of a pass share its sigma; off: one draw per sample")
     timestep_range: UnitInterval = option(0.99, "train on the first floor(range * num_steps) schedule steps")
     # drift control
@@ -383,9 +383,9 @@ def tiny_geneval():
 
 
 def sd35m_ocr():
-    """The paper's OCR recipe on SD3.5-M (docs/method.md): 512 px, K = 24, 48 prompts per iteration, and the first
-    author's port's OCR config where the paper is silent (20 stratified training timesteps of its sigma schedule, the
-    first 1,024 training prompts); every field against the port's: docs/port_comparison.md."""
+    """The paper's OCR recipe on SD3.5-M (docs/method.md): 512 px, K = 24, 48 prompts per iteration, and where the
+    paper is silent the first author's Flow-Factory config (20 stratified training timesteps of its sigma schedule,
+    the first 1,024 training prompts), field by field in docs/port_comparison.md."""
     return dataclasses.replace(
         Config(), run_name="crd-sd35m-ocr", model="stabilityai/stable-diffusion-3.5-medium", height=512, width=512,
         max_sequence_length=256, mixed_precision="bf16", gradient_checkpointing=True, prompts_per_iteration=48,
@@ -399,7 +399,7 @@ def sd35m_ocr():
 
 def sd35m_geneval():
     """GenEval on SD3.5-M: the OCR recipe, with DiffusionNFT's GenEval values where the paper's are unknown (one
-    optimizer step per iteration; its sampler schedule min(0.001 s, 0.5); the port's generic old-model schedule
+    optimizer step per iteration; its sampler schedule min(0.001 s, 0.5); Flow-Factory's generic old-model schedule
     min(0.25 + 0.001 s, 0.5)), trained on data/geneval/train_metadata.jsonl, scored on GenEval's 553 prompts."""
     return dataclasses.replace(
         sd35m_ocr(), run_name="crd-sd35m-geneval", reward="geneval", eval_rewards="clipscore,pickscore",

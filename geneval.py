@@ -1,9 +1,8 @@
 """GenEval for CRD: the benchmark's rules, its detector and colour classifier, and a CPU shapes world.
 
 The rewards here follow reward.py's contract (`fn(images, prompts) -> (rewards (N,) in [0, 1], info)`) and are
-registered there (reward.REWARDS), which imports this module only when a GenEval reward is asked for: a fork that
-trains on OCR needs crd.py, plumbing.py and reward.py, one that trains on GenEval this file too. Nothing here
-imports crd.py, plumbing.py or reward.py.
+registered there (reward.REWARDS), which imports this module only when a GenEval reward is asked for. Nothing
+here imports crd.py, plumbing.py or reward.py.
 
 - The rules (pure functions over detections): the benchmark's verdict (djghosh13/geneval) and the partial credit
   Flow-GRPO and DiffusionNFT train on (yifan123/reward-server), `geneval_check`.

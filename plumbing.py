@@ -1,8 +1,9 @@
-"""Plumbing for crd.py, not part of CRD: input checks and the command line, the run directory (metrics.jsonl,
-grids, console), held-out evaluation, checkpoints and resume, curves and live logging, torchrun, signals.
+"""Plumbing for crd.py, not part of CRD: the SD3 pipeline (loading, text embeddings, Euler sampling, decoding), input
+checks and the command line, the run directory (metrics.jsonl, grids, console), held-out evaluation, checkpoints
+and resume, curves and live logging, torchrun, signals.
 
-crd.py holds the whole algorithm and imports what it needs from here; nothing here imports crd.py, so a fork
-that changes the algorithm touches only crd.py. Read crd.py first.
+crd.py imports what it needs from here and says what to show of its log (Report); nothing here imports crd.py or
+names an objective or a key of CRD's log. Read crd.py first.
 """
 import argparse
 import collections

@@ -27,7 +27,7 @@ test_reward.py trains one iteration with a reward written from this docstring al
 
 Heavy imports live inside the factories, so `import reward` is cheap. `parse_reward_spec` reads a --reward value,
 `make_reward` builds it, `check_prompts` runs the prompt checks; GenEval's rewards live in geneval.py, imported only
-when one is asked for, so an OCR-only fork needs this file alone. The rewards:
+when one is asked for (the OCR rewards need this file alone). The rewards:
 - `ocr`: the OCR reward of Flow-GRPO, DiffusionNFT, AWM and the CRD paper (docs/method.md, "The OCR reward"), read
   by EasyOCR in place of PaddleOCR; `ppocr`: the same reward read by PaddleOCR's PP-OCRv4 models (a second engine,
   used as an unseen metric).
