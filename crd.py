@@ -3,9 +3,9 @@
 Paper: Zhu, Wang, Lathuiliere, Kalogeiton, "Diffusion Reinforcement Learning via Centered Reward Distillation",
 arXiv:2603.14128. The equations and Algorithm 1 as this project reconstructs them (from the first author's
 Flow-Factory port, DiffusionNFT and the author's slides) are in docs/method.md: the `# Eq. (n)` and `# Alg. 1, line k`
-tags refer to it. What is not CRD (input checks and the command line, the run directory, held-out evaluation,
-checkpoints, curves, torchrun, signals) is in plumbing.py; the rewards and their contract in reward.py (GenEval's in
-geneval.py); the reward-free control and DiffusionNFT, which CRD is measured against, in baselines.py.
+tags refer to it. Beside this file: baselines.py (the reward-free control and DiffusionNFT), diagnostics.py (the
+implicit-reward check), plumbing.py (what is not CRD: the SD3 pipeline, checks, command line, run directory,
+evaluation, checkpoints, torchrun), reward.py (the rewards and their contract; GenEval's in geneval.py).
 
 The idea: for each prompt c the KL-regularised optimum is p* = p_old exp(r/beta) / Z(c), so
 beta log p*/p_old = r - beta log Z(c). Z(c) is unknown but the same for every sample of c: centring both sides
@@ -38,8 +38,8 @@ sets every field against Flow-Factory's):
   5. Rollouts: the pipeline's deterministic Euler sampler with diffusers' sigma spacing; --sigma-schedule port
      spaces them as Flow-Factory (sd35m_ocr). No DPM-Solver.
   6. The std of Eq. (6) is the population std over the iteration's samples, as DiffusionNFT.
-  7. The CPU default caps both EMA decays of Eq. (8) at 0.5 (--old-decay, --sampler-decay): the OCR
-     recipe's 0.999, built for thousands of optimizer steps, freezes both snapshots within ~100 iterations.
+  7. The CPU default caps both EMA decays of Eq. (8) at 0.5 (--old-decay, --sampler-decay): the OCR recipe's
+     0.999, built for thousands of optimizer steps, freezes both snapshots within ~100 iterations.
   8. LoRA weights and snapshots stay fp32 on a bf16 model (Flow-Factory keeps them in bf16, where an EMA of 0.999
      barely moves); held-out scores are of theta itself, not of an EMA of theta.
 
@@ -47,7 +47,7 @@ Conventions: sigma = 1 is noise (SD3), x_sigma = (1 - sigma) x0 + sigma eps, vel
 scheduler timestep t = 1000 sigma. Shapes: P prompts per iteration, K samples per prompt (group_size),
 N = P*K samples, B a micro-batch of whole groups, (C, H, W) the latent. "mean_CHW" averages over the latent
 dimensions of each sample; losses are reduced in fp32. Every draw of iteration i comes from generators seeded by
-(seed, i), so a resumed run repeats a straight one exactly.
+(seed, i) (plumbing.iteration_generators), so a resumed run repeats a straight one exactly.
 """
 import collections
 import dataclasses
@@ -61,10 +61,10 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
-from plumbing import (InputError, PromptCache, Report, RunDirectory, all_gather, average_gradients, check_inputs,
-                      check_lora_targets, cli, decode_latents, encode_prompts, evaluate, evaluation_due, generate,
-                      load_frozen_pipeline, make_rewards, pick_device, sample_latents, schedule_sigmas,
-                      setup_distributed)  # not part of CRD: the SD3 pipeline, the checks, the run directory
+from plumbing import (InputError, PromptCache, Report, RunDirectory, all_gather, average_gradients, check_finite,
+                      check_inputs, check_lora_targets, cli, decode_latents, encode_prompts, evaluate, evaluation_due,
+                      generate, iteration_generators, load_frozen_pipeline, make_rewards, max_seed, pick_device,
+                      sample_latents, schedule_sigmas, setup_distributed)  # not CRD (the pipeline, seeds, checks)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -472,23 +472,6 @@ def training_sigmas(scheduler, num_steps, timestep_range, schedule="diffusers"):
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm's steps, in the order main() calls them (Alg. 1, lines 2-8)
 # ----------------------------------------------------------------------------------------------------------------
-SEED_STRIDE = 1_000_003  # iteration i of a run seeded s draws from seed s * SEED_STRIDE + i ...
-RANK_STRIDE = 1009       # ... and rank r's training noise from (s * SEED_STRIDE + i) * RANK_STRIDE + r
-
-
-def max_seed(iterations, world_size=1):
-    """The largest --seed whose `iteration_generators` seeds stay below 2**63 for every iteration and rank."""
-    return ((2**63 - 1 - (world_size - 1)) // RANK_STRIDE - (iterations - 1)) // SEED_STRIDE
-
-
-def iteration_generators(seed, iteration, rank):
-    """The two generators of one iteration: (rollout_rng: prompts and sampling seeds, the same on every rank;
-    training_rng: the training timesteps and eps of this rank). Seeded by (seed, iteration, rank) only, so a resumed
-    run repeats exactly the draws of a straight one without storing RNG states."""
-    base = seed * SEED_STRIDE + iteration
-    return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base * RANK_STRIDE + rank)
-
-
 def draw_prompts(prompts, cfg, generator, rank=0, world_size=1):
     """Alg. 1, line 2 (first half): P prompts without replacement and one sampling seed per image, then this rank's
     share, whole groups: prompts [r P/W, (r+1) P/W). Returns (P/W prompts, P/W * K seeds)."""
@@ -628,15 +611,6 @@ def loss_pass(objective):
     return baselines.PASSES[objective]
 
 
-def check_finite(value, what, state):
-    """`value` (a scalar tensor) if it is finite; else FloatingPointError naming `what` and state's iteration and
-    optimizer step (the run stops; its last checkpoint is the state before the iteration)."""
-    if not bool(torch.isfinite(value)):
-        raise FloatingPointError(f"non-finite {what} {value.item()} at iteration {state['iteration']}, optimizer "
-                                 f"step {state['step']}")
-    return value
-
-
 def optimizer_step(params, optimizer, cfg, state, world_size=1):
     """Alg. 1, line 7: average the accumulated gradients of `params` over the ranks, clip their norm, one AdamW
     step, s <- s + 1. Returns the gradient norm before clipping (FloatingPointError if it is not finite)."""
@@ -724,22 +698,18 @@ def move_snapshots(params, step, cfg):
 # main: Algorithm 1
 # ----------------------------------------------------------------------------------------------------------------
 def report(cfg, name):
-    """What the run directory prints and plots of CRD's log (plumbing.Report): the objective's name, the console
-    line's fields (label, key, format, separator after), the diagnostics figure's panels (keys, title, y scale) and
-    the implicit-reward check's panel beside the reward curve."""
-    loss = f"loss/{cfg.objective}"
-    return Report(
-        name=name, console=[("reward", "reward/mean", ".3f", " | "), (f"loss {cfg.objective}", loss, ".4f", ""),
-                 ("kl", "loss/kl", ".5f", " | "), ("r^ std", "implicit_reward/std", ".4f", ""),
-                 ("corr", "crd/corr", "+.3f", ""), ("fresh", "crd/corr_fresh", "+.3f", ""),
-                 ("expl", "crd/explained", "+.3f", " | "), ("eta old", "ema/eta_old", ".3f", ""),
-                 ("samp", "ema/eta_sampler", ".3f", " | ")],
-        panels=[(["crd/corr", "crd/corr_fresh"], "corr(R^, R) within groups", "linear"),
-                (["crd/explained"], "explained fraction of R", "linear"),
-                (["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R", "linear"),
-                (["ema/lag_old", "ema/lag_sampler"], "EMA snapshots' mean lag (iterations)", "symlog")],
-        smoothed=["crd/corr", "crd/corr_fresh"], held_out_panel=(
-            "accuracy", "within-group pairwise accuracy", "does theta's implicit reward rank samples as the reward?"))
+    """What the run directory shows of CRD's log (plumbing.Report): the console line's fields (label, key, format,
+    separator), the diagnostics figure's panels (keys, title, y scale), and the implicit-reward check's panel."""
+    console = [("reward", "reward/mean", ".3f", " | "), (f"loss {cfg.objective}", f"loss/{cfg.objective}", ".4f", ""),
+               ("kl", "loss/kl", ".5f", " | "), ("r^ std", "implicit_reward/std", ".4f", ""), ("corr", "crd/corr",
+               "+.3f", ""), ("fresh", "crd/corr_fresh", "+.3f", ""), ("expl", "crd/explained", "+.3f", " | "),
+               ("eta old", "ema/eta_old", ".3f", ""), ("samp", "ema/eta_sampler", ".3f", " | ")]
+    panels = [(["crd/corr", "crd/corr_fresh"], "corr(R^, R) within groups", "linear"),
+              (["crd/explained"], "explained fraction of R", "linear"),
+              (["crd/R_hat_std", "crd/R_std"], "std of beta R^ and of R", "linear"),
+              (["ema/lag_old", "ema/lag_sampler"], "EMA snapshots' mean lag (iterations)", "symlog")]
+    return Report(name, console, panels, ["crd/corr", "crd/corr_fresh"], (
+        "accuracy", "within-group pairwise accuracy", "does theta's implicit reward rank samples as the reward?"))
 
 
 Job = collections.namedtuple("Job", "rank world_size device run reward_fn pipe prompts prompt_cache autocast "

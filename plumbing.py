@@ -415,6 +415,15 @@ class NonFiniteWeights(FloatingPointError):
     """The LoRA weights became inf or nan (e.g. a learning rate too large); they are never saved."""
 
 
+def check_finite(value, what, state):
+    """`value` (a scalar tensor) if it is finite; else FloatingPointError naming `what` and state's iteration and
+    optimizer step (the run stops; its last checkpoint is the state before the iteration)."""
+    if not bool(torch.isfinite(value)):
+        raise FloatingPointError(f"non-finite {what} {value.item()} at iteration {state['iteration']}, optimizer "
+                                 f"step {state['step']}")
+    return value
+
+
 def check_finite_weights(params, iteration, state):
     """Raise NonFiniteWeights naming the adapter, the iteration and the optimizer step if a LoRA weight of
     `params` ({adapter: tensors}) is not finite (before anything of that iteration is saved)."""
@@ -644,6 +653,24 @@ def barrier(world_size):
     """Wait for every rank (no-op in a single process)."""
     if world_size > 1:
         dist.barrier()
+
+
+# -- seeds: every draw of iteration i from generators seeded by (seed, i), so a resume repeats a straight run ----------
+SEED_STRIDE = 1_000_003  # iteration i of a run seeded s draws from seed s * SEED_STRIDE + i ...
+RANK_STRIDE = 1009       # ... and rank r's training noise from (s * SEED_STRIDE + i) * RANK_STRIDE + r
+
+
+def max_seed(iterations, world_size=1):
+    """The largest --seed whose `iteration_generators` seeds stay below 2**63 for every iteration and rank."""
+    return ((2**63 - 1 - (world_size - 1)) // RANK_STRIDE - (iterations - 1)) // SEED_STRIDE
+
+
+def iteration_generators(seed, iteration, rank):
+    """The two generators of one iteration: (rollout_rng: prompts and sampling seeds, the same on every rank;
+    training_rng: the training timesteps and eps of this rank). Seeded by (seed, iteration, rank) only, so a resumed
+    run repeats exactly the draws of a straight one without storing RNG states."""
+    base = seed * SEED_STRIDE + iteration
+    return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base * RANK_STRIDE + rank)
 
 
 # -- signals -----------------------------------------------------------------------------------------------------
