@@ -207,7 +207,7 @@ class RunDirectory:
                         **{f"eval/tag/{tag}/{k}": v for tag, values in result["per_tag"].items()
                            for k, v in values.items()},
                         **{f"eval/diag/{k}": v for k, v in result.get("diagnostics", {}).items()},
-                        "time/eval": time.time() - t0})
+                        "time/eval": log.get("time/eval", 0.0) + time.time() - t0})  # two in one iteration: both
             self.say(f"iteration {iteration}: " + evaluation_line(result, self.cfg))
         barrier(self.world_size)
 
